@@ -1,0 +1,69 @@
+"""Checkpoints without pickle: nested state (dicts, lists, numbers, strings, tensors) is written as one
+safetensors file for the tensors plus one JSON file for the rest, into a temp dir renamed into place,
+so a crash mid-write never leaves a half checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+_TENSOR = "__tensor__"
+
+
+def split_tensors(obj, tensors: dict[str, torch.Tensor], path: str = "t"):
+    """Replace each tensor in `obj` by a reference and collect it into `tensors`."""
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().contiguous().clone()
+        return {_TENSOR: path}
+    if isinstance(obj, dict):
+        return {str(k): split_tensors(v, tensors, f"{path}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [split_tensors(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+    return obj
+
+
+def join_tensors(obj, tensors: dict[str, torch.Tensor]):
+    if isinstance(obj, dict):
+        if set(obj) == {_TENSOR}:
+            return tensors[obj[_TENSOR]]
+        return {k: join_tensors(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [join_tensors(v, tensors) for v in obj]
+    return obj
+
+
+def save_checkpoint(directory: str | os.PathLike, state: dict) -> None:
+    directory = Path(directory)
+    tensors: dict[str, torch.Tensor] = {}
+    meta = split_tensors(state, tensors)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".", dir=directory.parent))
+    try:
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(meta))
+        old = directory.with_name(directory.name + ".old")
+        if directory.exists():
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_checkpoint(directory: str | os.PathLike) -> dict:
+    directory = Path(directory)
+    if not (directory / "state.json").exists():
+        old = directory.with_name(directory.name + ".old")   # crashed between the two renames
+        if (old / "state.json").exists():
+            directory = old
+        else:
+            raise FileNotFoundError(f"--resume: no checkpoint at {directory}")
+    meta = json.loads((directory / "state.json").read_text())
+    return join_tensors(meta, load_file(str(directory / "state.safetensors")))

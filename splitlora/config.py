@@ -1,0 +1,138 @@
+"""Run configuration: YAML files plus `--set key=value` overrides, validated into typed sections.
+
+Every error is a `ConfigError` whose one-line message names the key (or file) at fault.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    name: str = "smollm2-135m-instruct"
+    split_layer: int = Field(3, ge=1)
+
+
+class LoraSection(_Section):
+    rank: int = Field(4, ge=1)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    target_modules: list[str] | None = None   # None: the family's attention query and value
+    rslora: bool = False
+
+
+class DataSection(_Section):
+    name: Literal["e2e", "jsonl"] = "e2e"
+    train_file: str = "data/e2e/devset.csv"
+    val_file: str | None = None               # None: hold out val_fraction of train groups (by MR)
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    val_max_samples: int = Field(64, ge=1)
+    max_length: int = Field(128, ge=8)
+    partition: Literal["iid", "dirichlet", "attribute"] = "iid"
+    partition_attribute: str = "food"
+    dirichlet_alpha: float = Field(0.5, gt=0)
+
+
+class StrategySection(_Section):
+    name: Literal["cenlora", "fedlora", "sl", "splitlora"] = "splitlora"
+    num_clients: int = Field(3, ge=1)
+    aggregation_interval: int = Field(100, ge=1)
+    server_mode: Literal["shared", "per_client"] = "shared"
+
+
+class TrainSection(_Section):
+    max_steps: int = Field(1000, ge=1)
+    batch_size: int = Field(4, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, ge=0)
+    seed: int = 0
+    eval_interval: int = Field(100, ge=1)
+    eval_batch_size: int = Field(8, ge=1)
+    log_interval: int = Field(10, ge=1)
+    checkpoint_interval: int = Field(100, ge=1)
+
+
+class Config(_Section):
+    model: ModelSection = ModelSection()
+    lora: LoraSection = LoraSection()
+    data: DataSection = DataSection()
+    strategy: StrategySection = StrategySection()
+    train: TrainSection = TrainSection()
+
+    @model_validator(mode="after")
+    def _warmup_fits(self):
+        if self.train.warmup_steps >= self.train.max_steps:
+            raise ValueError("train.warmup_steps must be smaller than train.max_steps")
+        return self
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+def _one_line(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        msg = "unknown config key" if e["type"] == "extra_forbidden" else e["msg"]
+        parts.append(f"{key}: {msg}" if key else msg)
+    return f"{source}: " + "; ".join(parts)
+
+
+def _set(tree: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {k} is not a section")
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read YAML `path` (optional), apply `key=value` overrides (values parsed as YAML), validate."""
+    tree: dict = {}
+    source = "config"
+    if path is not None:
+        source = str(path)
+        try:
+            tree = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"--config: file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        _set(tree, key.strip(), yaml.safe_load(raw))
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e, source)) from None
+
+
+def resolve_path(field: str, value: str) -> Path:
+    """A data path as given, else relative to the repository (so runs work from any directory)."""
+    for candidate in (Path(value), REPO_ROOT / value):
+        if candidate.exists():
+            return candidate
+    raise ConfigError(f"{field}: file not found: {value}")

@@ -1,0 +1,205 @@
+"""The three roles of split federated learning as plain classes with explicit inputs and outputs.
+
+- `Client`: owns its data and a model part (bottom layers, or the whole model for FedLoRA/CenLoRA);
+  `forward()` returns the smashed message, `backward(grad)` finishes backpropagation locally.
+- `MainServer`: owns the server-side part(s); `train_step()` takes a smashed message, computes the
+  loss and returns the gradient of the activations.
+- `FedServer`: averages adapters.
+The simulator and the networked deployment call exactly these methods; only the transport differs.
+Every role times its own compute so per-role compute can be reported.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .data import BatchStream
+from .split import ModelPart
+from .wire import smashed_message
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    total_steps: int
+    max_grad_norm: float   # 0 disables clipping
+    label_smoothing: float
+
+
+def lr_at(step: int, cfg: OptimConfig) -> float:
+    """Linear warm-up over `warmup_steps`, then linear decay to 0 at `total_steps` (step is 0-based)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    remaining = max(cfg.total_steps - cfg.warmup_steps, 1)
+    return cfg.lr * max(0.0, (cfg.total_steps - step) / remaining)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Next-token cross-entropy (label-smoothed) averaged over the supervised (completion) tokens."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100,
+                           label_smoothing=smoothing)
+
+
+class Learner:
+    """A model part with its own AdamW: the trainable state of one role."""
+
+    def __init__(self, part: ModelPart, cfg: OptimConfig):
+        self.part, self.cfg = part, cfg
+        self.params = part.trainable_parameters()
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def step(self, global_step: int) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(global_step, self.cfg)
+        if self.cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        opt = self.optimizer.state_dict()
+        return {"adapter": self.part.adapter_state(),
+                "optimizer": {"state": [opt["state"].get(i) for i in range(len(self.params))],
+                              "param_groups": opt["param_groups"]}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.part.load_adapter_state(state["adapter"])
+        opt = state["optimizer"]
+        self.optimizer.load_state_dict({
+            "state": {i: s for i, s in enumerate(opt["state"]) if s is not None},
+            "param_groups": opt["param_groups"]})
+
+
+class Client:
+    """A data owner. Split strategies call forward()/backward(); whole-model ones call local_step()."""
+
+    def __init__(self, cid: int, part: ModelPart, stream: BatchStream, cfg: OptimConfig):
+        self.cid, self.part, self.stream = cid, part, stream
+        self.learner = Learner(part, cfg)
+        self.compute_s = 0.0
+        self._activations: torch.Tensor | None = None
+
+    @property
+    def num_samples(self) -> int:
+        return self.stream.num_samples
+
+    def forward(self) -> tuple[dict[str, torch.Tensor], int]:
+        """Run the bottom layers on the next batch; returns (smashed message, batch size)."""
+        batch = self.stream.next_batch()
+        t0 = time.perf_counter()
+        self.part.train()
+        self._activations = self.part(batch["input_ids"], batch["attention_mask"])
+        self.compute_s += time.perf_counter() - t0
+        msg = smashed_message(self._activations, batch["attention_mask"], batch["labels"])
+        return msg, len(batch["input_ids"])
+
+    def backward(self, activations_grad: torch.Tensor, global_step: int) -> None:
+        """Finish backpropagation with the server's gradient and update the client-side adapter."""
+        if self._activations is None:
+            raise RuntimeError(f"client {self.cid}: backward() without a pending forward()")
+        t0 = time.perf_counter()
+        self._activations.backward(activations_grad)
+        self._activations = None
+        self.learner.step(global_step)
+        self.compute_s += time.perf_counter() - t0
+
+    def local_step(self, global_step: int) -> tuple[float, int]:
+        """A whole-model training step on the next batch; returns (loss, batch size)."""
+        if not self.part.has_head:
+            raise RuntimeError(f"client {self.cid}: local_step() needs the whole model")
+        batch = self.stream.next_batch()
+        t0 = time.perf_counter()
+        self.part.train()
+        logits = self.part(batch["input_ids"], batch["attention_mask"])
+        loss = lm_loss(logits, batch["labels"], self.learner.cfg.label_smoothing)
+        loss.backward()
+        self.learner.step(global_step)
+        self.compute_s += time.perf_counter() - t0
+        return loss.item(), len(batch["input_ids"])
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        return self.part.adapter_state()
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.part.load_adapter_state(state)
+
+    def state_dict(self) -> dict:
+        return {"learner": self.learner.state_dict(), "stream": self.stream.state_dict(),
+                "compute_s": self.compute_s}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.learner.load_state_dict(state["learner"])
+        self.stream.load_state_dict(state["stream"])
+        self.compute_s = state["compute_s"]
+
+
+class MainServer:
+    """The server-side model: one shared part (SFL-V2) or one part per client (SFL-V1)."""
+
+    def __init__(self, parts: list[ModelPart], cfg: OptimConfig):
+        self.learners = [Learner(p, cfg) for p in parts]
+        self.cfg = cfg
+        self.compute_s = 0.0
+
+    @property
+    def shared(self) -> bool:
+        return len(self.learners) == 1
+
+    def learner_for(self, cid: int) -> Learner:
+        return self.learners[0 if self.shared else cid]
+
+    def train_step(self, cid: int, msg: dict[str, torch.Tensor], global_step: int
+                   ) -> tuple[dict[str, torch.Tensor], float]:
+        """Smashed message in; ({"activations_grad": ...}, loss) out; the server-side adapter steps."""
+        t0 = time.perf_counter()
+        learner = self.learner_for(cid)
+        learner.part.train()
+        activations = msg["activations"].detach().requires_grad_(True)
+        logits = learner.part(activations, msg["attention_mask"].long())
+        loss = lm_loss(logits, msg["labels"].long(), self.cfg.label_smoothing)
+        loss.backward()
+        learner.step(global_step)
+        self.compute_s += time.perf_counter() - t0
+        return {"activations_grad": activations.grad}, loss.item()
+
+    def adapter_states(self) -> list[dict[str, torch.Tensor]]:
+        return [lr.part.adapter_state() for lr in self.learners]
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        for lr in self.learners:
+            lr.part.load_adapter_state(state)
+
+    def state_dict(self) -> dict:
+        return {"learners": [lr.state_dict() for lr in self.learners], "compute_s": self.compute_s}
+
+    def load_state_dict(self, state: dict) -> None:
+        for lr, s in zip(self.learners, state["learners"], strict=True):
+            lr.load_state_dict(s)
+        self.compute_s = state["compute_s"]
+
+
+def fedavg(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+    """Weighted average of adapter states, tensor by tensor (A and B each averaged, as FedAvg does)."""
+    if not states or len(states) != len(weights):
+        raise ValueError("fedavg() needs one weight per adapter state")
+    total = float(sum(weights))
+    return {k: sum(s[k] * (w / total) for s, w in zip(states, weights)) for k in states[0]}
+
+
+class FedServer:
+    """Aggregation: FedAvg of adapter tensors weighted by client sample counts."""
+
+    def __init__(self):
+        self.compute_s = 0.0
+
+    def aggregate(self, states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+        t0 = time.perf_counter()
+        out = fedavg(states, weights)
+        self.compute_s += time.perf_counter() - t0
+        return out

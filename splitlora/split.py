@@ -1,0 +1,191 @@
+"""Cut a transformers causal LM at a split layer into a client part and a server part.
+
+The client part is embeddings + blocks [0, k); the server part is blocks [k, L) + final norm + LM head.
+Blocks, embeddings, norms, rotary tables and masks are the transformers modules and helpers themselves;
+a family adapter only says which modules a part needs and calls them the way the model's own forward
+does (GPT-2: learned positions added once, on the client; Llama-like: rotary tables on both sides).
+Both parts rebuild the causal/padding mask from the 2-D attention mask that travels with the batch.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+
+class SplitError(ValueError):
+    """A model or split point the splitter cannot handle; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]
+    default_targets: tuple[str, ...]   # LoRA targets: attention query and value (GPT-2 fuses q,k,v)
+    layers_pattern: str                # the ModuleList name PEFT's layers_to_transform refers to
+    modules: Callable                  # hf_model -> dict of named modules (embed/blocks/head pieces)
+    embed: Callable                    # (mods, input_ids, position_ids) -> hidden
+    masks: Callable                    # (config, hidden, attention_mask, position_ids) -> layer_idx -> mask
+    block: Callable                    # (block, hidden, mask, ctx) -> hidden
+    extra: Callable                    # (mods, hidden, position_ids) -> ctx shared by all blocks
+    head: Callable                     # (mods, hidden) -> logits
+
+
+def _gpt2_modules(m):
+    t = m.transformer
+    return {"wte": t.wte, "wpe": t.wpe, "drop": t.drop, "blocks": t.h, "ln_f": t.ln_f, "lm_head": m.lm_head}
+
+
+def _gpt2_embed(mods, input_ids, position_ids):
+    return mods["drop"](mods["wte"](input_ids) + mods["wpe"](position_ids))
+
+
+def _gpt2_block(block, hidden, mask, ctx):
+    return block(hidden, None, mask, None, encoder_attention_mask=None, use_cache=False,
+                 position_ids=ctx["position_ids"])
+
+
+def _rotary_modules(m):
+    b = m.model
+    return {"embed_tokens": b.embed_tokens, "rotary_emb": b.rotary_emb, "blocks": b.layers,
+            "norm": b.norm, "lm_head": m.lm_head}
+
+
+def _rotary_extra(mods, hidden, position_ids):
+    return {"position_ids": position_ids, "position_embeddings": mods["rotary_emb"](hidden, position_ids)}
+
+
+def _rotary_block(block, hidden, mask, ctx):
+    return block(hidden, attention_mask=mask, position_embeddings=ctx["position_embeddings"],
+                 position_ids=ctx["position_ids"], past_key_values=None, use_cache=False)
+
+
+def _masks(config, hidden, attention_mask, position_ids):
+    """Per-layer masks exactly as the model's forward builds them (full, sliding, or by layer_types)."""
+    kw = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask, past_key_values=None,
+              position_ids=position_ids)
+    full = create_causal_mask(**kw)
+    layer_types = getattr(config, "layer_types", None)
+    sliding_needed = getattr(config, "sliding_window", None) and (
+        layer_types is None or "sliding_attention" in layer_types)
+    sliding = create_sliding_window_causal_mask(**kw) if sliding_needed else None
+    if layer_types:
+        return lambda i: full if layer_types[i] == "full_attention" else sliding
+    return lambda i: sliding if sliding is not None else full
+
+
+FAMILIES = (
+    Family("gpt2", ("gpt2",), ("c_attn",), "h", _gpt2_modules, _gpt2_embed, _masks, _gpt2_block,
+           lambda mods, hidden, pos: {"position_ids": pos},
+           lambda mods, h: mods["lm_head"](mods["ln_f"](h))),
+    Family("llama", ("llama", "mistral", "qwen2"), ("q_proj", "v_proj"), "layers", _rotary_modules,
+           lambda mods, ids, pos: mods["embed_tokens"](ids), _masks, _rotary_block, _rotary_extra,
+           lambda mods, h: mods["lm_head"](mods["norm"](h))),
+)
+
+
+def family_of(config) -> Family:
+    for fam in FAMILIES:
+        if config.model_type in fam.model_types:
+            return fam
+    supported = ", ".join(t for f in FAMILIES for t in f.model_types)
+    raise SplitError(f"model.name: model type {config.model_type!r} is not supported by the splitter "
+                     f"(supported: {supported})")
+
+
+def num_layers(config) -> int:
+    return config.num_hidden_layers if hasattr(config, "num_hidden_layers") else config.n_layer
+
+
+class ModelPart(nn.Module):
+    """Blocks [start, stop) of a causal LM, with the embeddings if start == 0 and the head if stop == L.
+
+    `adapter` maps PEFT adapter-file keys to this part's LoRA parameters, so a part's adapter state is
+    a slice of the whole model's PEFT adapter and parts can be stitched back into one adapter file.
+    """
+
+    def __init__(self, family: Family, config, mods: dict, start: int, stop: int, adapter: dict):
+        super().__init__()
+        self.family, self.config, self.start, self.stop = family, config, start, stop
+        total = num_layers(config)
+        self.has_embeddings, self.has_head = start == 0, stop == total
+        keep = {k: v for k, v in mods.items() if k != "blocks"}
+        if not self.has_embeddings and family.name == "gpt2":
+            keep = {k: v for k, v in keep.items() if k not in ("wte", "wpe", "drop")}
+        if not self.has_embeddings and family.name == "llama":
+            keep.pop("embed_tokens")
+        if not self.has_head:
+            keep = {k: v for k, v in keep.items() if k not in ("ln_f", "norm", "lm_head")}
+        self.mods = nn.ModuleDict(keep)
+        self.blocks = nn.ModuleList(list(mods["blocks"])[start:stop])
+        self.adapter = adapter
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Token ids (client, start == 0) or smashed activations in; activations or logits out."""
+        seq = x.shape[1]
+        position_ids = torch.arange(seq, device=x.device).unsqueeze(0)
+        h = self.family.embed(self.mods, x, position_ids) if self.has_embeddings else x
+        ctx = self.family.extra(self.mods, h, position_ids)
+        mask = self.family.masks(self.config, h, attention_mask, position_ids)
+        for i, block in enumerate(self.blocks):
+            h = self.family.block(block, h, mask(self.start + i), ctx)
+        return self.family.head(self.mods, h) if self.has_head else h
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.adapter.values())
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        return {k: p.detach().clone() for k, p in self.adapter.items()}
+
+    @torch.no_grad()
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        missing, unexpected = set(self.adapter) - set(state), set(state) - set(self.adapter)
+        if missing or unexpected:
+            raise KeyError(f"adapter state does not fit this part: missing {sorted(missing)[:3]}, "
+                           f"unexpected {sorted(unexpected)[:3]}")
+        for k, p in self.adapter.items():
+            p.copy_(state[k])
+
+    def replicate(self) -> "ModelPart":
+        """A copy with its own LoRA parameters; frozen weights and buffers stay shared (no memory cost)."""
+        memo = {id(t): t for t in [*self.parameters(), *self.buffers()] if not t.requires_grad}
+        return copy.deepcopy(self, memo)
+
+
+def adapter_keys(peft_model) -> dict[int, str]:
+    """id(param) -> the key PEFT writes for it in adapter_model.safetensors."""
+    keys = {}
+    for name, p in peft_model.named_parameters():
+        if p.requires_grad:
+            adapter_name = peft_model.active_adapter
+            keys[id(p)] = name.replace(f".{adapter_name}", "")
+    return keys
+
+
+def make_part(peft_model, start: int, stop: int) -> ModelPart:
+    """A view of layers [start, stop) of a PEFT-wrapped model (shares its modules; call replicate())."""
+    hf = peft_model.get_base_model()
+    fam = family_of(hf.config)
+    mods = fam.modules(hf)
+    keys = adapter_keys(peft_model)
+    part = ModelPart(fam, hf.config, mods, start, stop, {})
+    part.adapter = {keys[id(p)]: p for p in part.parameters() if id(p) in keys}
+    return part
+
+
+def split_model(peft_model, split_layer: int) -> tuple[ModelPart, ModelPart]:
+    """(client part, server part) cut after block `split_layer - 1`; 1 <= split_layer < L."""
+    total = num_layers(peft_model.get_base_model().config)
+    if not 1 <= split_layer < total:
+        raise SplitError(f"model.split_layer: {split_layer} is out of range; this model has {total} layers, "
+                         f"so it must be between 1 and {total - 1}")
+    return make_part(peft_model, 0, split_layer), make_part(peft_model, split_layer, total)
+
+
+def full_part(peft_model) -> ModelPart:
+    return make_part(peft_model, 0, num_layers(peft_model.get_base_model().config))

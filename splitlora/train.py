@@ -1,0 +1,172 @@
+"""A training run from a config: build the roles, step the strategy, evaluate, log, checkpoint, export.
+
+Run directory: config.yaml (resolved), metrics.jsonl, summary.json, adapter/ (PEFT), checkpoint/.
+Counters in metrics.jsonl (bytes, samples, seconds) are cumulative since the start of the run;
+train_loss is the mean over the steps since the previous record; val_* are null between evaluations.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from . import data as D
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import Config, ConfigError, resolve_path
+from .lora import apply_lora, export_adapter, load_into, lora_config
+from .models import load_model
+from .roles import OptimConfig, lm_loss
+from .strategies import STRATEGIES, Setup, Strategy
+
+
+@dataclass
+class Run:
+    cfg: Config
+    tokenizer: object
+    template: object          # PeftModel holding the global adapter for evaluation and export
+    strategy: Strategy
+    val_features: list[dict]
+
+
+def load_examples(cfg: Config) -> tuple[list[D.Example], list[D.Example]]:
+    load = D.load_e2e if cfg.data.name == "e2e" else D.load_jsonl
+    train = load(resolve_path("data.train_file", cfg.data.train_file))
+    if cfg.data.val_file:
+        return train, load(resolve_path("data.val_file", cfg.data.val_file))
+    return D.split_by_group(train, cfg.data.val_fraction, cfg.train.seed)
+
+
+def build_run(cfg: Config) -> Run:
+    torch.manual_seed(cfg.train.seed)
+    train_ex, val_ex = load_examples(cfg)
+    lm = load_model(cfg.model.name, seed=cfg.train.seed)
+    lcfg = lora_config(lm.model.config, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout,
+                       cfg.lora.target_modules, cfg.lora.rslora)
+    template = apply_lora(lm.model, lcfg, cfg.train.seed)
+    template.eval()
+    parts = D.partition(train_ex, cfg.strategy.num_clients, cfg.data.partition, cfg.train.seed,
+                        attribute=cfg.data.partition_attribute, alpha=cfg.data.dirichlet_alpha)
+    t = cfg.train
+    setup = Setup(
+        template=template,
+        client_features=[D.tokenize(p, lm.tokenizer, cfg.data.max_length) for p in parts],
+        optim=OptimConfig(t.lr, t.weight_decay, t.warmup_steps, t.max_steps, t.max_grad_norm, t.label_smoothing),
+        batch_size=t.batch_size, seed=t.seed, pad_token_id=lm.tokenizer.pad_token_id,
+        split_layer=cfg.model.split_layer, num_clients=cfg.strategy.num_clients,
+        aggregation_interval=cfg.strategy.aggregation_interval, server_mode=cfg.strategy.server_mode)
+    try:
+        strategy = STRATEGIES[cfg.strategy.name](setup)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    val = D.tokenize(val_ex, lm.tokenizer, cfg.data.max_length)[: cfg.data.val_max_samples]
+    for name, feats in [("validation set", val)] + [(f"client {i}", f) for i, f in enumerate(setup.client_features)]:
+        if not feats:
+            raise D.DataError(f"data.max_length: {cfg.data.max_length} tokens leave the {name} without any "
+                              "example that keeps a completion token")
+    return Run(cfg, lm.tokenizer, template, strategy, val)
+
+
+@torch.no_grad()
+def validation_loss(run: Run) -> float:
+    """Token-mean cross-entropy (no smoothing) of the global model on the validation slice."""
+    load_into(run.template, run.strategy.global_adapter())
+    run.template.eval()
+    total, tokens = 0.0, 0
+    bs = run.cfg.train.eval_batch_size
+    for i in range(0, len(run.val_features), bs):
+        batch = D.collate(run.val_features[i:i + bs], run.tokenizer.pad_token_id)
+        logits = run.template(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        total += lm_loss(logits, batch["labels"], 0.0).item() * n
+        tokens += n
+    return total / max(tokens, 1)
+
+
+def _carry_metrics(src: Path, dst: Path, upto_step: int) -> None:
+    lines = []
+    if src.exists():
+        lines = [ln for ln in src.read_text().splitlines() if ln and json.loads(ln)["step"] <= upto_step]
+    dst.write_text("".join(ln + "\n" for ln in lines))
+
+
+def train(cfg: Config, output: str | Path, resume: str | Path | None = None,
+          on_step: Callable[[int], None] | None = None, progress: bool = True) -> dict:
+    """Run (or continue) training; returns the summary also written to summary.json."""
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    run = build_run(cfg)
+    strategy, tcfg = run.strategy, cfg.train
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    start, wall, samples, last_val = 0, 0.0, 0, None
+    if resume is not None:
+        state = load_checkpoint(Path(resume) / "checkpoint")
+        strategy.load_state_dict(state["strategy"])
+        torch.set_rng_state(state["rng"])
+        start, wall, samples, last_val = state["step"], state["wall_s"], state["samples_seen"], state["val_loss"]
+        _carry_metrics(Path(resume) / "metrics.jsonl", out / "metrics.jsonl", start)
+    else:
+        (out / "metrics.jsonl").write_text("")
+
+    def record(step: int, train_loss: float | None, val_loss: float | None) -> dict:
+        client_s, server_s = strategy.compute
+        rec = {"step": step, "round": strategy.rounds, "strategy": strategy.name,
+               "train_loss": train_loss, "val_loss": val_loss,
+               "val_ppl": math.exp(val_loss) if val_loss is not None else None,
+               "bytes_up": strategy.s.link.bytes_up, "bytes_down": strategy.s.link.bytes_down,
+               "samples_seen": samples, "wall_s": round(wall, 4),
+               "client_compute_s": round(client_s, 4), "server_compute_s": round(server_s, 4)}
+        with (out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        return rec
+
+    if start == 0:
+        last_val = validation_loss(run)
+        record(0, None, last_val)
+
+    losses: list[float] = []
+    bar = tqdm(range(start, tcfg.max_steps), initial=start, total=tcfg.max_steps, desc=strategy.name,
+               disable=not progress, dynamic_ncols=True)
+    for t in bar:
+        t0 = time.perf_counter()
+        loss, n = strategy.step(t)
+        if t == tcfg.max_steps - 1:
+            strategy.finish(t)
+        wall += time.perf_counter() - t0
+        samples += n
+        losses.append(loss)
+        step = t + 1
+        last = step == tcfg.max_steps
+        val = None
+        if step % tcfg.eval_interval == 0 or last:
+            val = last_val = validation_loss(run)
+        if step % tcfg.log_interval == 0 or val is not None:
+            record(step, sum(losses) / len(losses), val)
+            bar.set_postfix(loss=f"{sum(losses) / len(losses):.3f}", val=f"{last_val:.3f}")
+            losses = []
+        if step % tcfg.checkpoint_interval == 0 or last:
+            save_checkpoint(out / "checkpoint", {
+                "step": step, "strategy": strategy.state_dict(), "rng": torch.get_rng_state(),
+                "wall_s": wall, "samples_seen": samples, "val_loss": last_val})
+        if on_step:
+            on_step(step)
+    bar.close()
+
+    export_adapter(run.template, strategy.global_adapter(), out / "adapter")
+    client_params, server_params = strategy.trainable_counts()
+    records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln]
+    vals = [r["val_loss"] for r in records if r["val_loss"] is not None]
+    summary = {**records[-1], "initial_val_loss": vals[0] if vals else None, "final_val_loss": last_val,
+               "best_val_loss": min(vals) if vals else None, "model": cfg.model.name,
+               "client_trainable_params": client_params, "server_trainable_params": server_params,
+               "adapter": str(out / "adapter")}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
