@@ -27,8 +27,9 @@ class Family:
     name: str
     model_types: tuple[str, ...]
     default_targets: tuple[str, ...]   # LoRA targets: attention query and value (GPT-2 fuses q,k,v)
-    layers_pattern: str                # the ModuleList name PEFT's layers_to_transform refers to
-    modules: Callable                  # hf_model -> dict of named modules (embed/blocks/head pieces)
+    embed_modules: tuple[str, ...]     # modules only the first part needs
+    head_modules: tuple[str, ...]      # modules only the last part needs (others go to every part)
+    modules: Callable                  # hf_model -> dict of named modules, "blocks" among them
     embed: Callable                    # (mods, input_ids, position_ids) -> hidden
     masks: Callable                    # (config, hidden, attention_mask, position_ids) -> layer_idx -> mask
     block: Callable                    # (block, hidden, mask, ctx) -> hidden
@@ -80,10 +81,11 @@ def _masks(config, hidden, attention_mask, position_ids):
 
 
 FAMILIES = (
-    Family("gpt2", ("gpt2",), ("c_attn",), "h", _gpt2_modules, _gpt2_embed, _masks, _gpt2_block,
+    Family("gpt2", ("gpt2",), ("c_attn",), ("wte", "wpe", "drop"), ("ln_f", "lm_head"), _gpt2_modules, _gpt2_embed, _masks, _gpt2_block,
            lambda mods, hidden, pos: {"position_ids": pos},
            lambda mods, h: mods["lm_head"](mods["ln_f"](h))),
-    Family("llama", ("llama", "mistral", "qwen2"), ("q_proj", "v_proj"), "layers", _rotary_modules,
+    Family("llama", ("llama", "mistral", "qwen2"), ("q_proj", "v_proj"), ("embed_tokens",), ("norm", "lm_head"),
+           _rotary_modules,
            lambda mods, ids, pos: mods["embed_tokens"](ids), _masks, _rotary_block, _rotary_extra,
            lambda mods, h: mods["lm_head"](mods["norm"](h))),
 )
@@ -114,14 +116,9 @@ class ModelPart(nn.Module):
         self.family, self.config, self.start, self.stop = family, config, start, stop
         total = num_layers(config)
         self.has_embeddings, self.has_head = start == 0, stop == total
-        keep = {k: v for k, v in mods.items() if k != "blocks"}
-        if not self.has_embeddings and family.name == "gpt2":
-            keep = {k: v for k, v in keep.items() if k not in ("wte", "wpe", "drop")}
-        if not self.has_embeddings and family.name == "llama":
-            keep.pop("embed_tokens")
-        if not self.has_head:
-            keep = {k: v for k, v in keep.items() if k not in ("ln_f", "norm", "lm_head")}
-        self.mods = nn.ModuleDict(keep)
+        drop = {"blocks", *(() if self.has_embeddings else family.embed_modules),
+                *(() if self.has_head else family.head_modules)}
+        self.mods = nn.ModuleDict({k: v for k, v in mods.items() if k not in drop})
         self.blocks = nn.ModuleList(list(mods["blocks"])[start:stop])
         self.adapter = adapter
 

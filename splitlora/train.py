@@ -41,6 +41,8 @@ def load_examples(cfg: Config) -> tuple[list[D.Example], list[D.Example]]:
     train = load(resolve_path("data.train_file", cfg.data.train_file))
     if cfg.data.val_file:
         return train, load(resolve_path("data.val_file", cfg.data.val_file))
+    if cfg.data.val_fraction == 0:
+        raise ConfigError("data.val_fraction: 0 with no data.val_file leaves no validation set")
     return D.split_by_group(train, cfg.data.val_fraction, cfg.train.seed)
 
 
@@ -52,12 +54,21 @@ def build_run(cfg: Config) -> Run:
                        cfg.lora.target_modules, cfg.lora.rslora)
     template = apply_lora(lm.model, lcfg, cfg.train.seed)
     template.eval()
-    parts = D.partition(train_ex, cfg.strategy.num_clients, cfg.data.partition, cfg.train.seed,
-                        attribute=cfg.data.partition_attribute, alpha=cfg.data.dirichlet_alpha)
+    try:
+        parts = D.partition(train_ex, cfg.strategy.num_clients, cfg.data.partition, cfg.train.seed,
+                            attribute=cfg.data.partition_attribute, alpha=cfg.data.dirichlet_alpha)
+    except D.DataError as e:
+        raise D.DataError(f"strategy.num_clients / data.partition: {e}") from None
+    client_features = [D.tokenize(p, lm.tokenizer, cfg.data.max_length) for p in parts]
+    val = D.tokenize(val_ex, lm.tokenizer, cfg.data.max_length)[: cfg.data.val_max_samples]
+    for name, feats in [("validation set", val)] + [(f"client {i}", f) for i, f in enumerate(client_features)]:
+        if not feats:
+            raise D.DataError(f"data.max_length: {cfg.data.max_length} tokens leave the {name} without any "
+                              "example that keeps a completion token")
     t = cfg.train
     setup = Setup(
         template=template,
-        client_features=[D.tokenize(p, lm.tokenizer, cfg.data.max_length) for p in parts],
+        client_features=client_features,
         optim=OptimConfig(t.lr, t.weight_decay, t.warmup_steps, t.max_steps, t.max_grad_norm, t.label_smoothing),
         batch_size=t.batch_size, seed=t.seed, pad_token_id=lm.tokenizer.pad_token_id,
         split_layer=cfg.model.split_layer, num_clients=cfg.strategy.num_clients,
@@ -66,11 +77,6 @@ def build_run(cfg: Config) -> Run:
         strategy = STRATEGIES[cfg.strategy.name](setup)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    val = D.tokenize(val_ex, lm.tokenizer, cfg.data.max_length)[: cfg.data.val_max_samples]
-    for name, feats in [("validation set", val)] + [(f"client {i}", f) for i, f in enumerate(setup.client_features)]:
-        if not feats:
-            raise D.DataError(f"data.max_length: {cfg.data.max_length} tokens leave the {name} without any "
-                              "example that keeps a completion token")
     return Run(cfg, lm.tokenizer, template, strategy, val)
 
 
@@ -112,9 +118,11 @@ def train(cfg: Config, output: str | Path, resume: str | Path | None = None,
         strategy.load_state_dict(state["strategy"])
         torch.set_rng_state(state["rng"])
         start, wall, samples, last_val = state["step"], state["wall_s"], state["samples_seen"], state["val_loss"]
+        losses = state["pending_losses"]
         _carry_metrics(Path(resume) / "metrics.jsonl", out / "metrics.jsonl", start)
     else:
         (out / "metrics.jsonl").write_text("")
+        losses: list[float] = []   # training losses since the last record
 
     def record(step: int, train_loss: float | None, val_loss: float | None) -> dict:
         client_s, server_s = strategy.compute
@@ -132,7 +140,6 @@ def train(cfg: Config, output: str | Path, resume: str | Path | None = None,
         last_val = validation_loss(run)
         record(0, None, last_val)
 
-    losses: list[float] = []
     bar = tqdm(range(start, tcfg.max_steps), initial=start, total=tcfg.max_steps, desc=strategy.name,
                disable=not progress, dynamic_ncols=True)
     for t in bar:
@@ -155,7 +162,8 @@ def train(cfg: Config, output: str | Path, resume: str | Path | None = None,
         if step % tcfg.checkpoint_interval == 0 or last:
             save_checkpoint(out / "checkpoint", {
                 "step": step, "strategy": strategy.state_dict(), "rng": torch.get_rng_state(),
-                "wall_s": wall, "samples_seen": samples, "val_loss": last_val})
+                "wall_s": wall, "samples_seen": samples, "val_loss": last_val,
+                "pending_losses": losses})
         if on_step:
             on_step(step)
     bar.close()

@@ -66,10 +66,6 @@ def test_resume_equals_uninterrupted(label, make_config, tmp_path):
         assert [r[key] for r in b] == [r[key] for r in a], key
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "train(): the running train-loss window (`losses`) is not checkpointed, so when log_interval does not "
-    "divide checkpoint_interval the first record after a resume averages fewer steps than the "
-    "uninterrupted run's record"))
 def test_resume_train_loss_window_across_checkpoint(make_config, tmp_path):
     # log at 2, 4, 6; checkpoint at 3: the record at step 4 should average steps 3 and 4.
     cfg = make_config({"lora.dropout": 0.1, "train.max_steps": 6, "train.checkpoint_interval": 3,
@@ -160,6 +156,21 @@ def test_cli_missing_config_file(capsys, tmp_path):
 
 def test_cli_bad_set_syntax(capsys, config_file, tmp_path):
     assert "--set" in cli_error(capsys, train_argv(config_file, tmp_path, "train.lr"))
+
+
+def test_cli_max_length_that_truncates_every_completion_names_the_field(capsys, config_file, tmp_path):
+    # E2E prompts are longer than 16 bytes: every completion is truncated away, for every client
+    assert "data.max_length" in cli_error(capsys, train_argv(config_file, tmp_path, "data.max_length=16"))
+
+
+def test_cli_no_validation_set_does_not_blame_max_length(capsys, config_file, tmp_path):
+    code = main(train_argv(config_file, tmp_path, "data.val_fraction=0"))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if code == 2:   # an error is fine, as long as it names the field at fault
+        assert "data.val_fraction" in err or "data.val_file" in err
+    else:           # ... and so is training without validation
+        assert code == 0
 
 
 def test_cli_errors_leave_no_run_directory_contents(capsys, config_file, tmp_path):

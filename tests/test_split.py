@@ -212,3 +212,38 @@ def test_adapter_state_roundtrip_and_mismatch():
     assert all(torch.equal(v, state[k]) for k, v in rep.adapter_state().items())
     with pytest.raises(KeyError):
         rep.load_adapter_state(server.adapter_state())  # server keys do not fit the client part
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2"])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_other_llama_like_types_split_exactly_with_sliding_windows(model_type, k):
+    """Mistral (sliding window on every layer) and Qwen2 (per-layer full/sliding types) go through the
+    llama family; a window of 4 over 12 tokens makes a wrong mask visible."""
+    from transformers import MistralConfig, Qwen2Config
+
+    common = dict(vocab_size=258, hidden_size=64, intermediate_size=128, num_hidden_layers=NUM_LAYERS,
+                  num_attention_heads=4, num_key_value_heads=2, sliding_window=4)
+    config = (MistralConfig(**common) if model_type == "mistral"
+              else Qwen2Config(**common, use_sliding_window=True, max_window_layers=2))
+    torch.manual_seed(0)
+    peft = apply_lora(AutoModelForCausalLM.from_config(config), lora_config(config, 4, 8, 0.0), 0).eval()
+    with torch.no_grad():
+        for p in peft.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    ids, mask, _ = right_padded_batch()
+    client, server = split_model(peft, k)
+    with torch.no_grad():
+        ref = peft(input_ids=ids, attention_mask=mask).logits
+        out = server(client(ids, mask), mask)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert family_of(config).name == "llama"
+    # the window matters at this length: the same weights without a window give other logits
+    config.sliding_window = None
+    if model_type == "qwen2":
+        config.layer_types = ["full_attention"] * NUM_LAYERS
+    no_window = AutoModelForCausalLM.from_config(config).eval()
+    no_window.load_state_dict(peft.merge_and_unload().state_dict())
+    with torch.no_grad():
+        unwindowed = no_window(input_ids=ids, attention_mask=mask).logits
+    assert not torch.allclose(unwindowed[0, 6:], ref[0, 6:], atol=1e-4)

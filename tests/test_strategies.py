@@ -42,7 +42,7 @@ def test_fedavg_weighted_by_hand():
 
 
 @pytest.mark.parametrize("server_mode", ["shared", "per_client"])
-def test_splitlora_aggregation_gives_every_client_the_weighted_average(server_mode, make_config, e2e_file):
+def test_splitlora_aggregation_gives_every_client_the_weighted_average(server_mode, make_config):
     cfg = make_config({"strategy.aggregation_interval": 1, "strategy.server_mode": server_mode,
                        "strategy.num_clients": 2})
     strategy = build_run(cfg).strategy
@@ -72,7 +72,7 @@ def test_splitlora_aggregation_gives_every_client_the_weighted_average(server_mo
 
 
 @pytest.mark.parametrize("strategy", ["fedlora", "splitlora"])
-def test_run_with_aggregation_every_step_keeps_clients_identical(strategy, make_config, tmp_path):
+def test_run_with_aggregation_every_step_keeps_clients_identical(strategy, make_config):
     cfg = make_config({"strategy.name": strategy, "strategy.aggregation_interval": 1, "train.max_steps": 2})
     run = build_run(cfg)
     for t in range(2):
