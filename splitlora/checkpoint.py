@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -39,22 +40,32 @@ def join_tensors(obj, tensors: dict[str, torch.Tensor]):
     return obj
 
 
-def save_checkpoint(directory: str | os.PathLike, state: dict) -> None:
-    directory = Path(directory)
-    tensors: dict[str, torch.Tensor] = {}
-    meta = split_tensors(state, tensors)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".", dir=directory.parent))
+@contextmanager
+def atomic_directory(target: str | os.PathLike):
+    """Yield a temp dir beside `target`; if the block succeeds it takes `target`'s place by rename.
+
+    A crash leaves either the old directory or (between the two renames) `<target>.old` behind.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
-        save_file(tensors, str(tmp / "state.safetensors"))
-        (tmp / "state.json").write_text(json.dumps(meta))
-        old = directory.with_name(directory.name + ".old")
-        if directory.exists():
-            os.replace(directory, old)
-        os.replace(tmp, directory)
+        yield tmp
+        old = target.with_name(target.name + ".old")
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_checkpoint(directory: str | os.PathLike, state: dict) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    meta = split_tensors(state, tensors)
+    with atomic_directory(directory) as tmp:
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(meta))
 
 
 def load_checkpoint(directory: str | os.PathLike) -> dict:

@@ -7,13 +7,12 @@ server-side slices back together gives an ordinary PEFT adapter for the whole mo
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 
+from .checkpoint import atomic_directory
 from .split import family_of
 
 
@@ -43,15 +42,7 @@ def load_into(peft_model: PeftModel, state: dict[str, torch.Tensor]) -> None:
 
 def export_adapter(peft_model: PeftModel, state: dict[str, torch.Tensor], out_dir: str | os.PathLike) -> Path:
     """Write `state` as a PEFT adapter directory, atomically (temp dir, then rename)."""
-    out_dir = Path(out_dir)
     load_into(peft_model, state)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         peft_model.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return Path(out_dir)

@@ -189,7 +189,7 @@ def fedavg(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[
     if not states or len(states) != len(weights):
         raise ValueError("fedavg() needs one weight per adapter state")
     total = float(sum(weights))
-    return {k: sum(s[k] * (w / total) for s, w in zip(states, weights)) for k in states[0]}
+    return {k: sum(s[k] * (w / total) for s, w in zip(states, weights, strict=True)) for k in states[0]}
 
 
 class FedServer:
