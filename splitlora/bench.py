@@ -30,7 +30,7 @@ def _features(n: int, seq: int, vocab: int, seed: int) -> list[dict]:
     return feats
 
 
-def overhead(model_name: str, steps: int = 20, split_layer: int = 3, batch: int = 4, seq: int = 128,
+def overhead(model_name: str, steps: int = 30, split_layer: int = 3, batch: int = 4, seq: int = 128,
              rank: int = 4, alpha: float = 32, warmup: int = 3, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     lm = load_model(model_name, seed=seed)
@@ -76,6 +76,7 @@ def overhead(model_name: str, steps: int = 20, split_layer: int = 3, batch: int 
         "machine": platform.processor() or platform.machine(),
         "ratio": med["split"] / med["central"],
         "ratio_mean": statistics.mean(times["split"]) / statistics.mean(times["central"]),
+        "ratio_paired_median": statistics.median(a / b for a, b in zip(times["split"], times["central"])),
         "split_step_s_median": med["split"], "central_step_s_median": med["central"],
         "split_step_s": times["split"], "central_step_s": times["central"],
         "client_trainable_params": sum(p.numel() for p in client.trainable_parameters()),

@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("which", choices=["overhead"])
     b.add_argument("--output", required=True, help="JSON file to write")
     b.add_argument("--model", default="smollm2-135m-instruct")
-    b.add_argument("--steps", type=int, default=20)
+    b.add_argument("--steps", type=int, default=30)
     b.add_argument("--split-layer", type=int, default=3)
     return p
 

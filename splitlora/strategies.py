@@ -115,6 +115,11 @@ class CenLoRA(Strategy):
     def step(self, t):
         return self.clients[0].local_step(t)
 
+    @property
+    def compute(self):
+        """Centralized training runs where the pooled data is: its compute is server compute."""
+        return 0.0, self.clients[0].compute_s
+
     def global_adapter(self):
         return self.clients[0].adapter_state()
 

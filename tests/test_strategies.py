@@ -150,12 +150,13 @@ def test_every_strategy_runs_and_writes_metrics(label, make_config, tmp_path):
     last = records[-1]
     if cfg.strategy.name == "cenlora":
         assert all(r["bytes_up"] == r["bytes_down"] == 0 for r in records)
-        assert last["server_compute_s"] == 0
+        # centralized training happens where the pooled data is: no client compute
+        assert last["client_compute_s"] == 0 and last["server_compute_s"] > 0
     else:
         assert last["bytes_up"] > 0 and last["bytes_down"] > 0
+        assert last["client_compute_s"] > 0
     if cfg.strategy.name in ("sl", "splitlora"):
         assert last["server_compute_s"] > 0
-    assert last["client_compute_s"] > 0
     assert last["round"] == {"cenlora": 0, "fedlora": 2, "sl": 2, "splitlora": 2}[cfg.strategy.name]
     assert summary["step"] == 4 and summary["final_val_loss"] == last["val_loss"]
     assert (out / "adapter" / "adapter_model.safetensors").exists()
