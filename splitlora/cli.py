@@ -1,4 +1,4 @@
-"""Command line: `splitlora train` and `splitlora bench overhead`.
+"""Command line: `splitlora train`, `eval`, `score` and `bench overhead`.
 
 Errors a user can fix (config, model, data, split point) print one line naming the field or file
 and exit with code 2, without a traceback.
@@ -12,10 +12,11 @@ import sys
 
 from .config import ConfigError, load_config
 from .data import DataError
+from .metrics import MetricsError
 from .models import ModelError
 from .split import SplitError
 
-USER_ERRORS = (ConfigError, DataError, ModelError, SplitError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, MetricsError, ModelError, SplitError, FileNotFoundError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,6 +28,24 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--output", required=True, help="run directory")
     t.add_argument("--resume", help="run directory whose checkpoint/ to continue from")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e = sub.add_parser("eval", help="decode a trained run on E2E and score it")
+    e.add_argument("run_dir", metavar="RUN_DIR")
+    e.add_argument("--output", required=True, help="directory for predictions.txt, references.txt, metrics.json")
+    e.add_argument("--split", default="test", choices=["test", "validation"])
+    e.add_argument("--limit", type=int, help="only the first N MRs")
+    e.add_argument("--mode", default="merged", choices=["merged", "split"],
+                   help="decode with the adapter merged into the base (default) or through the split model")
+    e.add_argument("--greedy", action="store_true", help="greedy decoding (fast checks)")
+    e.add_argument("--beam", type=int, help="beam size (default 10; 1 = greedy)")
+    e.add_argument("--length-penalty", type=float)
+    e.add_argument("--no-repeat-ngram", type=int)
+    e.add_argument("--repetition-penalty", type=float)
+    e.add_argument("--max-new-tokens", type=int)
+    e.add_argument("--batch-size", type=int, help="MRs decoded together")
+    e.add_argument("--no-progress", action="store_true")
+    s_ = sub.add_parser("score", help="score predictions against references like the E2E scorer")
+    s_.add_argument("references", metavar="REFERENCES", help="references.txt (groups split by blank lines) or CSV")
+    s_.add_argument("predictions", metavar="PREDICTIONS", help="predictions.txt (one line per MR) or CSV")
     b = sub.add_parser("bench", help="benchmarks writing JSON")
     b.add_argument("which", choices=["overhead"])
     b.add_argument("--output", required=True, help="JSON file to write")
@@ -52,6 +71,26 @@ def _train(args) -> None:
                                               "bytes_down", "wall_s", "adapter")}, indent=2))
 
 
+def _eval(args) -> None:
+    from .decode import DecodeConfig
+    from .evaluate import evaluate, table
+
+    cfg = DecodeConfig.greedy() if args.greedy or args.beam == 1 else DecodeConfig()
+    chosen = {"num_beams": args.beam, "length_penalty": args.length_penalty,
+              "no_repeat_ngram_size": args.no_repeat_ngram, "repetition_penalty": args.repetition_penalty,
+              "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size}
+    cfg = DecodeConfig(**{**cfg.to_dict(), **{k: v for k, v in chosen.items() if v is not None}})
+    result = evaluate(args.run_dir, args.output, cfg, split=args.split, limit=args.limit, mode=args.mode,
+                      progress=not args.no_progress)
+    print(table(result))
+
+
+def _score(args) -> None:
+    from .metrics import score_files
+
+    print(json.dumps(score_files(args.references, args.predictions), indent=2))
+
+
 def _bench(args) -> None:
     from .bench import overhead
 
@@ -64,7 +103,7 @@ def _bench(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        {"train": _train, "bench": _bench}[args.command](args)
+        {"train": _train, "eval": _eval, "score": _score, "bench": _bench}[args.command](args)
     except USER_ERRORS as e:
         print(f"splitlora: error: {e}", file=sys.stderr)
         return 2

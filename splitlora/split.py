@@ -47,7 +47,8 @@ def _gpt2_embed(mods, input_ids, position_ids):
 
 
 def _gpt2_block(block, hidden, mask, ctx):
-    return block(hidden, None, mask, None, encoder_attention_mask=None, use_cache=False,
+    cache = ctx["cache"]
+    return block(hidden, cache, mask, None, encoder_attention_mask=None, use_cache=cache is not None,
                  position_ids=ctx["position_ids"])
 
 
@@ -63,18 +64,29 @@ def _rotary_extra(mods, hidden, position_ids):
 
 def _rotary_block(block, hidden, mask, ctx):
     return block(hidden, attention_mask=mask, position_embeddings=ctx["position_embeddings"],
-                 position_ids=ctx["position_ids"], past_key_values=None, use_cache=False)
+                 position_ids=ctx["position_ids"], past_key_values=ctx["cache"], use_cache=ctx["cache"] is not None)
 
 
-def _masks(config, hidden, attention_mask, position_ids):
-    """Per-layer masks exactly as the model's forward builds them (full, sliding, or by layer_types)."""
-    kw = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask, past_key_values=None,
-              position_ids=position_ids)
-    full = create_causal_mask(**kw)
+def _masks(config, hidden, attention_mask, position_ids, cache=None, layers=range(0)):
+    """Per-layer masks exactly as the model's forward builds them (full, sliding, or by layer_types).
+
+    With a KV cache, each mask is sized against the first of `layers` of its kind: a part's own cache
+    layers, which (unlike the other part's) have not yet seen the current tokens.
+    """
     layer_types = getattr(config, "layer_types", None)
+
+    def first(kind):
+        return next((i for i in layers if layer_types is None or layer_types[i] == kind), None)
+
+    kw = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask, past_key_values=cache,
+              position_ids=position_ids)
+    full = create_causal_mask(**kw, layer_idx=first("full_attention") if cache is not None else None)
     sliding_needed = getattr(config, "sliding_window", None) and (
         layer_types is None or "sliding_attention" in layer_types)
-    sliding = create_sliding_window_causal_mask(**kw) if sliding_needed else None
+    sliding = None
+    if sliding_needed:
+        sliding = create_sliding_window_causal_mask(
+            **kw, layer_idx=first("sliding_attention") if cache is not None else None)
     if layer_types:
         return lambda i: full if layer_types[i] == "full_attention" else sliding
     return lambda i: sliding if sliding is not None else full
@@ -122,16 +134,24 @@ class ModelPart(nn.Module):
         self.blocks = nn.ModuleList(list(mods["blocks"])[start:stop])
         self.adapter = adapter
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Token ids (client, start == 0) or smashed activations in; activations or logits out."""
-        seq = x.shape[1]
-        position_ids = torch.arange(seq, device=x.device).unsqueeze(0)
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
+                cache=None, logits_to_keep: int = 0) -> torch.Tensor:
+        """Token ids (client, start == 0) or smashed activations in; activations or logits out.
+
+        Training passes (x, attention_mask): right padding, positions 0..T-1. Decoding also passes the
+        position ids, a transformers KV cache (layers are indexed globally, so one cache can serve both
+        parts) and `logits_to_keep` (>0: only the last positions go through the LM head).
+        """
+        if position_ids is None:
+            position_ids = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
         h = self.family.embed(self.mods, x, position_ids) if self.has_embeddings else x
-        ctx = self.family.extra(self.mods, h, position_ids)
-        mask = self.family.masks(self.config, h, attention_mask, position_ids)
+        ctx = {**self.family.extra(self.mods, h, position_ids), "cache": cache}
+        mask = self.family.masks(self.config, h, attention_mask, position_ids, cache, range(self.start, self.stop))
         for i, block in enumerate(self.blocks):
             h = self.family.block(block, h, mask(self.start + i), ctx)
-        return self.family.head(self.mods, h) if self.has_head else h
+        if not self.has_head:
+            return h
+        return self.family.head(self.mods, h[:, -logits_to_keep:] if logits_to_keep else h)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.adapter.values())

@@ -1,0 +1,111 @@
+"""Evaluate a trained run on E2E: decode one output per unique MR, score BLEU, NIST, METEOR, ROUGE-L and
+CIDEr against all references of that MR, and compute perplexity on the references.
+
+Writes predictions.txt and references.txt in the official scorer's plain-text format, and metrics.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from . import data as D
+from . import metrics as M
+from .config import Config, ConfigError, load_config, resolve_path
+from .decode import DecodeConfig, SplitForCausalLM, generate
+from .lora import apply_lora, load_into, lora_config
+from .models import load_model
+from .roles import lm_loss
+from .split import split_model
+
+TEST_FILE = "data/e2e/testset_w_refs.csv"
+
+
+def load_trained(run_dir: str | Path, mode: str = "merged"):
+    """(model, tokenizer, config) of a run: the exported adapter merged into the base, or the split model."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise ConfigError(f"RUN_DIR: {run_dir} has no config.yaml (is it a training run directory?)")
+    adapter = run_dir / "adapter"
+    if not (adapter / "adapter_model.safetensors").exists():
+        raise ConfigError(f"RUN_DIR: {adapter} holds no exported adapter (did the run finish?)")
+    cfg = load_config(run_dir / "config.yaml")
+    lm = load_model(cfg.model.name, seed=cfg.train.seed)
+    if mode == "merged":
+        model = PeftModel.from_pretrained(lm.model, adapter).merge_and_unload()
+    elif mode == "split":
+        template = apply_lora(lm.model, lora_config(lm.model.config, cfg.lora.rank, cfg.lora.alpha, 0.0,
+                                                    cfg.lora.target_modules, cfg.lora.rslora), cfg.train.seed)
+        load_into(template, load_file(str(adapter / "adapter_model.safetensors")))
+        model = SplitForCausalLM(*split_model(template, cfg.model.split_layer))
+    else:
+        raise ConfigError(f"--mode: {mode!r} is not one of merged, split")
+    return model.eval(), lm.tokenizer, cfg
+
+
+def eval_examples(cfg: Config, split: str) -> list[D.Example]:
+    if split == "test":
+        return D.load_e2e(resolve_path("test file", TEST_FILE))
+    if split == "validation":
+        from .train import load_examples
+        return load_examples(cfg)[1]
+    raise ConfigError(f"--split: {split!r} is not one of test, validation")
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, examples: list[D.Example], max_length: int, batch_size: int = 16) -> float:
+    """exp(token-mean cross-entropy) of the references' completion tokens given their MRs."""
+    feats = D.tokenize(examples, tokenizer, max_length)
+    total, tokens = 0.0, 0
+    for i in range(0, len(feats), batch_size):
+        batch = D.collate(feats[i:i + batch_size], tokenizer.pad_token_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        total += lm_loss(logits, batch["labels"], 0.0).item() * n
+        tokens += n
+    return math.exp(total / max(tokens, 1))
+
+
+def evaluate(run_dir: str | Path, output: str | Path, decode: DecodeConfig, split: str = "test",
+             limit: int | None = None, mode: str = "merged", progress: bool = True) -> dict:
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer, cfg = load_trained(run_dir, mode)
+    examples = eval_examples(cfg, split)
+    prompts = {ex.group: ex.prompt for ex in reversed(examples)}     # first prompt of each group
+    refs = D.group_references(examples)
+    groups = list(refs)[:limit] if limit else list(refs)
+    chosen = set(groups)
+
+    from tqdm import tqdm
+    bar = tqdm(total=len(groups), desc=f"decode ({mode})", disable=not progress, dynamic_ncols=True)
+    preds, speed = generate(model, tokenizer, [prompts[g] for g in groups], decode, progress=bar.update)
+    bar.close()
+    t0 = time.perf_counter()
+    ppl = perplexity(model, tokenizer, [ex for ex in examples if ex.group in chosen], cfg.data.max_length)
+    ppl_s = time.perf_counter() - t0
+
+    references = [refs[g] for g in groups]
+    M.write_predictions(out / "predictions.txt", preds)
+    M.write_references(out / "references.txt", references)
+    scores = M.score(preds, references)
+    result = {**scores, "perplexity": ppl, "num_mrs": len(groups), "split": split, "mode": mode,
+              "run": str(run_dir), "model": cfg.model.name, "decoding": decode.to_dict(), **speed,
+              "perplexity_s": ppl_s}
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def table(result: dict) -> str:
+    keys = ["BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr", "perplexity"]
+    cells = [f"{result[k]:.4f}" if isinstance(result.get(k), float) else "n/a" for k in keys]
+    width = [max(len(k), len(c)) for k, c in zip(keys, cells, strict=True)]
+    line = lambda xs: "  ".join(x.rjust(w) for x, w in zip(xs, width, strict=True))  # noqa: E731
+    return f"{line(keys)}\n{line(cells)}\n{result.get('num_mrs', '?')} MRs, " \
+           f"{result.get('tokens_per_s', float('nan')):.1f} generated tokens/s"
