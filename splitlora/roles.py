@@ -46,6 +46,10 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float) -> tor
                            label_smoothing=smoothing)
 
 
+class ClientDropped(RuntimeError):
+    """A client that disconnected or missed its deadline; the strategy goes on without it."""
+
+
 class Learner:
     """A model part with its own AdamW: the trainable state of one role."""
 
@@ -88,6 +92,10 @@ class Client:
     @property
     def num_samples(self) -> int:
         return self.stream.num_samples
+
+    @property
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.part.trainable_parameters())
 
     def forward(self) -> tuple[dict[str, torch.Tensor], int]:
         """Run the bottom layers on the next batch; returns (smashed message, batch size)."""

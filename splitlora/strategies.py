@@ -5,26 +5,32 @@ step, and when adapters are averaged. One `step(t)` is one global training step:
 - sl: one client at a time, one split batch; every I steps the client adapter passes to the next client.
 - splitlora: every client one split batch (shared or per-client server part); client adapters
   (and per-client server adapters) FedAvg'd every I steps.
+
+Strategies talk to clients through a transport with the client role's methods: `LinkedClient` in the
+simulator, `RemoteClient` in a deployment. A client whose transport raises `ClientDropped` leaves
+the current round; the round aggregates the others (weights renormalised) and a client that is
+connected again receives the new global adapter at the next aggregation and trains on from there.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from .data import BatchStream
-from .roles import Client, FedServer, MainServer, OptimConfig, fedavg
+from .roles import Client, ClientDropped, FedServer, MainServer, OptimConfig, fedavg
 from .split import ModelPart, full_part, split_model
-from .wire import Link
+from .wire import Link, LinkedClient
 
 
 @dataclass
 class Setup:
-    """Everything a strategy is built from: the template PEFT model and per-client training features."""
+    """Everything a strategy is built from: the template PEFT model and how to reach each client."""
 
     template: object                       # PeftModel; its own LoRA weights are the global model
-    client_features: list[list[dict]]      # tokenized examples of each client
+    client_features: list[list[dict]] | None   # tokenized examples of each client (None: remote clients)
     optim: OptimConfig
     batch_size: int
     seed: int
@@ -35,11 +41,20 @@ class Setup:
     server_mode: str
     link: Link = field(default_factory=Link)
     fed: FedServer = field(default_factory=FedServer)
+    remote: Callable | None = None         # cid -> RemoteClient, for a deployed server
 
-    def clients(self, part: ModelPart, features: list[list[dict]]) -> list[Client]:
-        return [Client(cid, part.replicate(),
-                       BatchStream(f, self.batch_size, self.seed * 1009 + cid, self.pad_token_id), self.optim)
+    def clients(self, part: ModelPart, features: list[list[dict]] | None = None) -> list:
+        if self.remote is not None:
+            return [self.remote(cid) for cid in range(self.num_clients)]
+        features = self.client_features if features is None else features
+        return [LinkedClient(make_client(cid, part.replicate(), f, self), self.link)
                 for cid, f in enumerate(features)]
+
+
+def make_client(cid: int, part: ModelPart, features: list[dict], setup: Setup) -> Client:
+    """The client role as every process builds it: its part, its data stream, its optimizer."""
+    stream = BatchStream(features, setup.batch_size, setup.seed * 1009 + cid, setup.pad_token_id)
+    return Client(cid, part, stream, setup.optim)
 
 
 class Strategy:
@@ -47,32 +62,58 @@ class Strategy:
 
     def __init__(self, setup: Setup):
         self.s = setup
-        self.clients: list[Client] = []
+        self.clients: list = []
         self.server: MainServer | None = None
         self.rounds = 0
+        self.dropped: set[int] = set()
+        self.dropouts: list[dict] = []    # {"step", "client", "reason"} each time a client left a round
 
     def step(self, t: int) -> tuple[float, int]:
         """One global step (0-based t); returns (mean training loss, samples processed)."""
         raise NotImplementedError
 
     def global_adapter(self) -> dict[str, torch.Tensor]:
-        """The whole-model adapter (PEFT file keys) the run would export now; sends nothing."""
+        """The whole-model adapter (PEFT file keys) the run would export now; counts no traffic."""
         raise NotImplementedError
 
     def finish(self, t: int) -> None:
         """After the last step t: one more aggregation if clients diverged since the last one."""
         if len(self.clients) > 1 and not self._due(t):
-            self.aggregate()
+            self.aggregate(t)
+
+    # -- clients that may drop out ------------------------------------------------------------------
+    def live(self) -> list:
+        return [c for c in self.clients if c.cid not in self.dropped]
+
+    def guarded(self, t: int, client, fn: Callable) -> tuple[bool, object]:
+        """(True, fn(client)), or (False, None) if the client dropped out: it then sits out the round."""
+        try:
+            return True, fn(client)
+        except ClientDropped as e:
+            self.dropped.add(client.cid)
+            self.dropouts.append({"step": t + 1, "client": client.cid, "reason": str(e)})
+            return False, None
+
+    def _each(self, t: int, fn: Callable) -> tuple[float, int]:
+        results = [r for c in self.live() for ok, r in [self.guarded(t, c, fn)] if ok]
+        if not results:
+            raise RuntimeError(f"step {t + 1}: no client left to train")
+        return sum(r[0] for r in results) / len(results), sum(r[1] for r in results)
 
     @property
     def weights(self) -> list[int]:
         return [c.num_samples for c in self.clients]
 
-    def aggregate(self) -> None:
-        """FedAvg of the client-side adapters, weighted by samples; every client gets the average."""
-        avg = self.s.fed.aggregate([self.s.link.up(c.adapter_state()) for c in self.clients], self.weights)
+    def aggregate(self, t: int) -> None:
+        """FedAvg of the live clients' adapters, weighted by samples; every connected client (the
+        ones that dropped out and came back too) gets the average and is live again."""
+        uploads = [(c, s) for c in self.live() for ok, s in [self.guarded(t, c, lambda c: c.adapter_state())] if ok]
+        if not uploads:
+            raise RuntimeError(f"step {t + 1}: no client left to aggregate")
+        avg = self.s.fed.aggregate([s for _, s in uploads], [c.num_samples for c, _ in uploads])
         for c in self.clients:
-            c.load_adapter_state(self.s.link.down(avg))
+            if getattr(c, "connected", True) and self.guarded(t, c, lambda c: c.load_adapter_state(avg))[0]:
+                self.dropped.discard(c.cid)   # a client that came back rejoins with the global adapter
         self.rounds += 1
 
     def _due(self, t: int) -> bool:
@@ -85,14 +126,14 @@ class Strategy:
         return sum(c.compute_s for c in self.clients), server
 
     def trainable_counts(self) -> tuple[int, int]:
-        client = sum(p.numel() for p in self.clients[0].part.trainable_parameters())
         server = sum(p.numel() for p in self.server.learners[0].params) if self.server else 0
-        return client, server
+        return self.clients[0].num_trainable, server
 
     def state_dict(self) -> dict:
         return {"clients": [c.state_dict() for c in self.clients],
                 "server": self.server.state_dict() if self.server else None,
-                "link": self.s.link.state_dict(), "fed_compute_s": self.s.fed.compute_s, "rounds": self.rounds}
+                "link": self.s.link.state_dict(), "fed_compute_s": self.s.fed.compute_s, "rounds": self.rounds,
+                "dropouts": self.dropouts}
 
     def load_state_dict(self, state: dict) -> None:
         for c, cs in zip(self.clients, state["clients"], strict=True):
@@ -102,6 +143,7 @@ class Strategy:
         self.s.link.load_state_dict(state["link"])
         self.s.fed.compute_s = state["fed_compute_s"]
         self.rounds = state["rounds"]
+        self.dropouts = state["dropouts"]
 
 
 class CenLoRA(Strategy):
@@ -109,6 +151,8 @@ class CenLoRA(Strategy):
 
     def __init__(self, setup: Setup):
         super().__init__(setup)
+        if setup.remote is not None:
+            raise ValueError("strategy.name: cenlora pools the data in one place; it has no deployment")
         pooled = [f for feats in setup.client_features for f in feats]
         self.clients = setup.clients(full_part(setup.template), [pooled])
 
@@ -121,7 +165,7 @@ class CenLoRA(Strategy):
         return 0.0, self.clients[0].compute_s
 
     def global_adapter(self):
-        return self.clients[0].adapter_state()
+        return self.clients[0].peek_adapter_state()
 
 
 class FedLoRA(Strategy):
@@ -129,16 +173,17 @@ class FedLoRA(Strategy):
 
     def __init__(self, setup: Setup):
         super().__init__(setup)
-        self.clients = setup.clients(full_part(setup.template), setup.client_features)
+        self.clients = setup.clients(full_part(setup.template))
 
     def step(self, t):
-        results = [c.local_step(t) for c in self.clients]
+        result = self._each(t, lambda c: c.local_step(t))
         if self._due(t):
-            self.aggregate()
-        return sum(r[0] for r in results) / len(results), sum(r[1] for r in results)
+            self.aggregate(t)
+        return result
 
     def global_adapter(self):
-        return fedavg([c.adapter_state() for c in self.clients], self.weights)
+        live = self.live() or self.clients
+        return fedavg([c.peek_adapter_state() for c in live], [c.num_samples for c in live])
 
 
 class SplitLoRA(FedLoRA):
@@ -147,27 +192,30 @@ class SplitLoRA(FedLoRA):
     def __init__(self, setup: Setup):
         Strategy.__init__(self, setup)
         client_part, server_part = split_model(setup.template, setup.split_layer)
-        self.clients = setup.clients(client_part, setup.client_features)
+        self.clients = setup.clients(client_part)
         copies = 1 if setup.server_mode == "shared" else len(self.clients)
         self.server = MainServer([server_part.replicate() for _ in range(copies)], setup.optim)
 
-    def split_step(self, client: Client, t: int) -> tuple[float, int]:
-        """Client forward -> server forward/backward -> client backward, over the link."""
+    def split_step(self, client, t: int) -> tuple[float, int]:
+        """Client forward -> server forward/backward -> client backward."""
         msg, n = client.forward()
-        reply, loss = self.server.train_step(client.cid, self.s.link.up(msg), t)
-        client.backward(self.s.link.down(reply)["activations_grad"], t)
+        reply, loss = self.server.train_step(client.cid, msg, t)
+        client.backward(reply["activations_grad"], t)
         return loss, n
 
     def step(self, t):
-        results = [self.split_step(c, t) for c in self.clients]
+        result = self._each(t, lambda c: self.split_step(c, t))
         if self._due(t):
-            self.aggregate()
-        return sum(r[0] for r in results) / len(results), sum(r[1] for r in results)
+            self.aggregate(t)
+        return result
 
-    def aggregate(self):
-        super().aggregate()
+    def aggregate(self, t):
+        live = [c.cid for c in self.live()]
+        super().aggregate(t)
         if not self.server.shared:   # SFL-V1: per-client server parts are averaged at the same interval
-            self.server.load_adapter_state(self.s.fed.aggregate(self.server.adapter_states(), self.weights))
+            states = self.server.adapter_states()
+            avg = self.s.fed.aggregate([states[cid] for cid in live], [self.clients[cid].num_samples for cid in live])
+            self.server.load_adapter_state(avg)
 
     def _server_adapter(self):
         states = self.server.adapter_states()
@@ -186,21 +234,38 @@ class SL(SplitLoRA):
         if setup.server_mode != "shared":
             raise ValueError("strategy.server_mode: sl trains one server-side model; use 'shared'")
         super().__init__(setup)
-
-    def active(self, t: int) -> Client:
-        return self.clients[(t // self.s.aggregation_interval) % len(self.clients)]
+        self.holder = 0   # the client that holds the client adapter now
 
     def step(self, t):
-        loss, n = self.split_step(self.active(t), t)
-        if self._due(t) and len(self.clients) > 1:   # hand the client adapter to the next client
-            state = self.s.link.up(self.active(t).adapter_state())
-            self.active(t + 1).load_adapter_state(self.s.link.down(state))
+        holder = self.clients[self.holder]
+        ok, result = self.guarded(t, holder, lambda c: self.split_step(c, t))
+        if not ok:               # the holder dropped: what it learned since the last hand-off is lost
+            self.holder = self._next_live(holder.cid)
+            return float("nan"), 0
+        if self._due(t) and len(self.clients) > 1:   # hand the client adapter to the next live client
+            ok, state = self.guarded(t, holder, lambda c: c.adapter_state())
+            nxt = self._next_live(holder.cid)
+            if ok and self.guarded(t, self.clients[nxt], lambda c: c.load_adapter_state(state))[0]:
+                self.holder = nxt
             self.rounds += 1
-        return loss, n
+        return result
+
+    def _next_live(self, cid: int) -> int:
+        n = len(self.clients)
+        for k in range(1, n + 1):
+            if (cid + k) % n not in self.dropped:
+                return (cid + k) % n
+        raise RuntimeError("no client left to train")
 
     def global_adapter(self):
-        holder = self.active(self.rounds * self.s.aggregation_interval)
-        return {**holder.adapter_state(), **self._server_adapter()}
+        return {**self.clients[self.holder].peek_adapter_state(), **self._server_adapter()}
+
+    def state_dict(self):
+        return {**super().state_dict(), "holder": self.holder}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.holder = state["holder"]
 
     def finish(self, t):
         pass   # the adapter is already in one place: the current holder's

@@ -131,7 +131,8 @@ def train(cfg: Config, output: str | Path, resume: str | Path | None = None,
                "val_ppl": math.exp(val_loss) if val_loss is not None else None,
                "bytes_up": strategy.s.link.bytes_up, "bytes_down": strategy.s.link.bytes_down,
                "samples_seen": samples, "wall_s": round(wall, 4),
-               "client_compute_s": round(client_s, 4), "server_compute_s": round(server_s, 4)}
+               "client_compute_s": round(client_s, 4), "server_compute_s": round(server_s, 4),
+               "live_clients": len(strategy.live()), "dropouts": len(strategy.dropouts)}
         with (out / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(rec) + "\n")
         return rec
@@ -175,6 +176,7 @@ def train(cfg: Config, output: str | Path, resume: str | Path | None = None,
     summary = {**records[-1], "initial_val_loss": vals[0] if vals else None, "final_val_loss": last_val,
                "best_val_loss": min(vals) if vals else None, "model": cfg.model.name,
                "client_trainable_params": client_params, "server_trainable_params": server_params,
+               "dropout_events": strategy.dropouts,
                "adapter": str(out / "adapter")}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

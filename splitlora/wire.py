@@ -2,7 +2,11 @@
 
 `Link` is the in-process transport of the simulator: every message is really serialized and parsed
 back, so the byte counts are those of the serialized tensors and the receiver never shares memory
-with the sender. The networked transport sends the very same bytes.
+with the sender. `LinkedClient` puts a client role behind a Link; the networked transport
+(`splitlora.remote.RemoteClient`) offers the same methods and sends the very same bytes.
+
+Activations and their gradients may travel at a lower precision (fp16, bf16, or int8 with one fp32
+scale per tensor); everything else (masks, labels, adapters) travels exactly.
 """
 
 from __future__ import annotations
@@ -14,12 +18,45 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 
-def encode(tensors: dict[str, torch.Tensor]) -> bytes:
-    return st_save({k: v.detach().contiguous() for k, v in tensors.items()})
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+LOSSY = ("activations", "activations_grad")   # the only tensors a lower wire precision applies to
+_SCALE = ".int8_scale"
+
+
+def _quantize(tensors: dict[str, torch.Tensor], precision: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in tensors.items():
+        v = v.detach()
+        if k not in LOSSY or precision == "fp32":
+            out[k] = v
+        elif precision in ("fp16", "bf16"):
+            out[k] = v.to(torch.float16 if precision == "fp16" else torch.bfloat16)
+        else:
+            scale = v.abs().max().clamp_min(1e-12) / 127.0
+            out[k] = torch.round(v / scale).clamp(-127, 127).to(torch.int8)
+            out[k + _SCALE] = scale.reshape(1).float()
+    return out
+
+
+def _dequantize(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in tensors.items():
+        if k.endswith(_SCALE):
+            continue
+        if k in LOSSY:
+            v = v.float() * tensors[k + _SCALE] if k + _SCALE in tensors else v.float()
+        out[k] = v
+    return out
+
+
+def encode(tensors: dict[str, torch.Tensor], precision: str = "fp32",
+           metadata: dict[str, str] | None = None) -> bytes:
+    q = _quantize(tensors, precision)
+    return st_save({k: v.contiguous() for k, v in q.items()}, metadata=metadata)
 
 
 def decode(data: bytes) -> dict[str, torch.Tensor]:
-    return st_load(data)
+    return _dequantize(st_load(data))
 
 
 def smashed_message(activations: torch.Tensor, attention_mask: torch.Tensor,
@@ -35,16 +72,17 @@ def smashed_message(activations: torch.Tensor, attention_mask: torch.Tensor,
 class Link:
     """Counts bytes each way; `up` is client -> server, `down` is server -> client."""
 
+    precision: str = "fp32"
     bytes_up: int = 0
     bytes_down: int = 0
 
     def up(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        data = encode(tensors)
+        data = encode(tensors, self.precision)
         self.bytes_up += len(data)
         return decode(data)
 
     def down(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        data = encode(tensors)
+        data = encode(tensors, self.precision)
         self.bytes_down += len(data)
         return decode(data)
 
@@ -53,3 +91,42 @@ class Link:
 
     def load_state_dict(self, state: dict) -> None:
         self.bytes_up, self.bytes_down = state["bytes_up"], state["bytes_down"]
+
+
+class LinkedClient:
+    """A client role reached through a Link: what a strategy talks to in the simulator."""
+
+    def __init__(self, client, link: Link):
+        self.client, self.link = client, link
+        self.cid = client.cid
+
+    num_samples = property(lambda self: self.client.num_samples)
+    num_trainable = property(lambda self: self.client.num_trainable)
+    compute_s = property(lambda self: self.client.compute_s)
+
+    def forward(self) -> tuple[dict[str, torch.Tensor], int]:
+        msg, n = self.client.forward()
+        return self.link.up(msg), n
+
+    def backward(self, activations_grad: torch.Tensor, global_step: int) -> None:
+        self.client.backward(self.link.down({"activations_grad": activations_grad})["activations_grad"],
+                             global_step)
+
+    def local_step(self, global_step: int) -> tuple[float, int]:
+        return self.client.local_step(global_step)
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        return self.link.up(self.client.adapter_state())
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.client.load_adapter_state(self.link.down(state))
+
+    def peek_adapter_state(self) -> dict[str, torch.Tensor]:
+        """The adapter for evaluation: a measurement, so nothing is counted."""
+        return self.client.adapter_state()
+
+    def state_dict(self) -> dict:
+        return self.client.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.client.load_state_dict(state)

@@ -65,7 +65,7 @@ def test_exported_adapter_loads_into_peft_and_matches_the_trained_split_model(
     # ... computes what the strategy's trained client part + server part compute. The reference is the
     # parts' own LoRA parameters, not the file, so a key mapped to the wrong layer/module would show.
     strategy = run.strategy
-    client = strategy.clients[1].part.eval()
+    client = strategy.clients[1].client.part.eval()
     server = strategy.server.learners[-1].part.eval()
     ids, mask = tokens()
     with torch.no_grad():

@@ -16,7 +16,7 @@ from conftest import assert_states_close, assert_states_equal, exported_adapter,
 
 FAMILIES = ["gpt2", "llama"]
 REQUIRED_KEYS = {"step", "round", "strategy", "train_loss", "val_loss", "val_ppl", "bytes_up", "bytes_down",
-                 "samples_seen", "wall_s", "client_compute_s", "server_compute_s"}
+                 "samples_seen", "wall_s", "client_compute_s", "server_compute_s", "live_clients", "dropouts"}
 
 
 def differ(a: dict, b: dict) -> bool:
@@ -54,7 +54,7 @@ def test_splitlora_aggregation_gives_every_client_the_weighted_average(server_mo
     before = [c.adapter_state() for c in strategy.clients]
     assert differ(*before)   # the clients trained on different batches
     server_before = strategy.server.adapter_states()
-    strategy.aggregate()
+    strategy.aggregate(0)
 
     expected = fedavg(before, weights)
     for c in strategy.clients:
@@ -171,7 +171,7 @@ def test_splitlora_bytes_up_carry_the_activations(server_mode, make_config):
     hidden = tiny_model("llama").model.config.hidden_size
     strategy = build_run(cfg).strategy
     link = strategy.s.link
-    streams = [copy.deepcopy(c.stream) for c in strategy.clients]   # replay the batches the clients will draw
+    streams = [copy.deepcopy(c.client.stream) for c in strategy.clients]   # replay the batches the clients will draw
     for t in range(3):
         up0, down0 = link.bytes_up, link.bytes_down
         strategy.step(t)
@@ -207,10 +207,10 @@ def test_sl_hands_the_client_adapter_to_the_next_client(make_config):
     strategy = build_run(cfg).strategy
     c0, c1 = strategy.clients
     initial = c1.adapter_state()
-    assert strategy.active(0) is c0 and strategy.active(1) is c1 and strategy.active(2) is c0
+    assert strategy.holder == 0
 
     strategy.step(0)                       # c0 trains, then hands its adapter to c1
-    assert strategy.rounds == 1
+    assert strategy.rounds == 1 and strategy.holder == 1
     assert_states_equal(c1.adapter_state(), c0.adapter_state())
     assert differ(initial, c1.adapter_state())
     assert_states_equal({k: v for k, v in strategy.global_adapter().items() if k in c1.adapter_state()},
@@ -218,7 +218,7 @@ def test_sl_hands_the_client_adapter_to_the_next_client(make_config):
 
     after_first = c0.adapter_state()
     strategy.step(1)                       # c1 continues from it, then hands back to c0
-    assert strategy.rounds == 2
+    assert strategy.rounds == 2 and strategy.holder == 0
     assert_states_equal(c0.adapter_state(), c1.adapter_state())
     assert differ(after_first, c0.adapter_state())
     assert strategy.s.link.bytes_up > 0
@@ -229,3 +229,44 @@ def test_sl_rejects_per_client_server(make_config):
 
     with pytest.raises(ConfigError, match="server_mode"):
         build_run(make_config({"strategy.name": "sl", "strategy.server_mode": "per_client"}))
+
+
+class FlakyTransport:
+    """Wraps a client transport; raises ClientDropped on the chosen calls, as a dead peer would."""
+
+    def __init__(self, inner, fail_steps: set[int], method: str = "forward"):
+        self.inner, self.fail_steps, self.method, self.calls = inner, fail_steps, method, 0
+        self.cid = inner.cid
+
+    def __getattr__(self, name):
+        attr = getattr(self.inner, name)
+        if name != self.method:
+            return attr
+
+        def call(*args, **kwargs):
+            self.calls += 1
+            if self.calls in self.fail_steps:
+                from splitlora.roles import ClientDropped
+                raise ClientDropped(f"client {self.cid}: deadline missed (test)")
+            return attr(*args, **kwargs)
+        return call
+
+
+@pytest.mark.parametrize("name", ["splitlora", "fedlora"])
+def test_a_client_that_drops_sits_out_the_round_and_rejoins(name, make_config):
+    from splitlora.train import build_run
+
+    cfg = make_config({"strategy.name": name, "strategy.num_clients": 3, "strategy.aggregation_interval": 2,
+                       "train.max_steps": 6})
+    strategy = build_run(cfg).strategy
+    method = "forward" if name == "splitlora" else "local_step"
+    strategy.clients[1] = FlakyTransport(strategy.clients[1], {2}, method)   # fails on its 2nd step
+    samples = [strategy.step(t)[1] for t in range(2)]
+    assert samples == [3 * 2, 2 * 2]            # step 2 ran without client 1
+    assert strategy.dropouts == [{"step": 2, "client": 1, "reason": "client 1: deadline missed (test)"}]
+    # the round aggregated clients 0 and 2 only (weights renormalised), and client 1 got the average
+    c0, c1, c2 = (c.peek_adapter_state() for c in strategy.clients)
+    assert_states_equal(c0, c2)
+    assert_states_equal(c1, c0)
+    assert strategy.live() == strategy.clients   # rejoined at the round boundary
+    assert strategy.step(2)[1] == 3 * 2
