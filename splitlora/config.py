@@ -69,12 +69,25 @@ class TrainSection(_Section):
     checkpoint_interval: int = Field(100, ge=1)
 
 
+class WireSection(_Section):
+    precision: Literal["fp32", "fp16", "bf16", "int8"] = "fp32"   # activations and their gradients
+
+
+class DeploySection(_Section):
+    timeout_s: float = Field(120.0, gt=0)        # a client that does not answer in time leaves the round
+    join_timeout_s: float = Field(600.0, gt=0)   # how long the server waits for all clients at start
+    retries: int = Field(20, ge=0)               # client reconnection attempts (exponential backoff)
+    max_message_mb: int = Field(256, ge=1)
+
+
 class Config(_Section):
     model: ModelSection = ModelSection()
     lora: LoraSection = LoraSection()
     data: DataSection = DataSection()
     strategy: StrategySection = StrategySection()
     train: TrainSection = TrainSection()
+    wire: WireSection = WireSection()
+    deploy: DeploySection = DeploySection()
 
     @model_validator(mode="after")
     def _warmup_fits(self):

@@ -41,11 +41,11 @@ class Setup:
     server_mode: str
     link: Link = field(default_factory=Link)
     fed: FedServer = field(default_factory=FedServer)
-    remote: Callable | None = None         # cid -> RemoteClient, for a deployed server
+    remote: Callable | None = None         # (cid, client part) -> RemoteClient, for a deployed server
 
     def clients(self, part: ModelPart, features: list[list[dict]] | None = None) -> list:
         if self.remote is not None:
-            return [self.remote(cid) for cid in range(self.num_clients)]
+            return [self.remote(cid, part) for cid in range(self.num_clients)]
         features = self.client_features if features is None else features
         return [LinkedClient(make_client(cid, part.replicate(), f, self), self.link)
                 for cid, f in enumerate(features)]

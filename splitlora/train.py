@@ -24,7 +24,10 @@ from .config import Config, ConfigError, resolve_path
 from .lora import apply_lora, export_adapter, load_into, lora_config
 from .models import load_model
 from .roles import OptimConfig, lm_loss
-from .strategies import STRATEGIES, Setup, Strategy
+from .roles import Client
+from .split import full_part, split_model
+from .strategies import STRATEGIES, Setup, Strategy, make_client
+from .wire import Link
 
 
 @dataclass
@@ -46,38 +49,82 @@ def load_examples(cfg: Config) -> tuple[list[D.Example], list[D.Example]]:
     return D.split_by_group(train, cfg.data.val_fraction, cfg.train.seed)
 
 
-def build_run(cfg: Config) -> Run:
-    torch.manual_seed(cfg.train.seed)
-    train_ex, val_ex = load_examples(cfg)
+def _model(cfg: Config):
+    """The base model with the run's LoRA (same init in every process: seeded)."""
     lm = load_model(cfg.model.name, seed=cfg.train.seed)
     lcfg = lora_config(lm.model.config, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout,
                        cfg.lora.target_modules, cfg.lora.rslora)
     template = apply_lora(lm.model, lcfg, cfg.train.seed)
-    template.eval()
+    return lm, template.eval()
+
+
+def client_data(cfg: Config, tokenizer, train_ex: list[D.Example]) -> list[list[dict]]:
+    """Every client's tokenized partition of the training data."""
     try:
         parts = D.partition(train_ex, cfg.strategy.num_clients, cfg.data.partition, cfg.train.seed,
                             attribute=cfg.data.partition_attribute, alpha=cfg.data.dirichlet_alpha)
     except D.DataError as e:
         raise D.DataError(f"strategy.num_clients / data.partition: {e}") from None
-    client_features = [D.tokenize(p, lm.tokenizer, cfg.data.max_length) for p in parts]
-    val = D.tokenize(val_ex, lm.tokenizer, cfg.data.max_length)[: cfg.data.val_max_samples]
-    for name, feats in [("validation set", val)] + [(f"client {i}", f) for i, f in enumerate(client_features)]:
-        if not feats:
-            raise D.DataError(f"data.max_length: {cfg.data.max_length} tokens leave the {name} without any "
-                              "example that keeps a completion token")
+    feats = [D.tokenize(p, tokenizer, cfg.data.max_length) for p in parts]
+    for i, f in enumerate(feats):
+        _nonempty(cfg, f, f"client {i}")
+    return feats
+
+
+def _nonempty(cfg: Config, feats: list, name: str) -> None:
+    if not feats:
+        raise D.DataError(f"data.max_length: {cfg.data.max_length} tokens leave the {name} without any "
+                          "example that keeps a completion token")
+
+
+def _setup(cfg: Config, template, tokenizer, client_features, remote=None, link=None) -> Setup:
     t = cfg.train
-    setup = Setup(
-        template=template,
-        client_features=client_features,
+    return Setup(
+        template=template, client_features=client_features,
         optim=OptimConfig(t.lr, t.weight_decay, t.warmup_steps, t.max_steps, t.max_grad_norm, t.label_smoothing),
-        batch_size=t.batch_size, seed=t.seed, pad_token_id=lm.tokenizer.pad_token_id,
+        batch_size=t.batch_size, seed=t.seed, pad_token_id=tokenizer.pad_token_id,
         split_layer=cfg.model.split_layer, num_clients=cfg.strategy.num_clients,
-        aggregation_interval=cfg.strategy.aggregation_interval, server_mode=cfg.strategy.server_mode)
+        aggregation_interval=cfg.strategy.aggregation_interval, server_mode=cfg.strategy.server_mode,
+        link=link if link is not None else Link(cfg.wire.precision), remote=remote)
+
+
+def build_run(cfg: Config, hub=None) -> Run:
+    """Everything a training run needs. With a `hub` (deployed server), clients are remote: their data
+    stays with them and the strategy reaches them through the hub's sessions."""
+    torch.manual_seed(cfg.train.seed)
+    train_ex, val_ex = load_examples(cfg)
+    lm, template = _model(cfg)
+    val = D.tokenize(val_ex, lm.tokenizer, cfg.data.max_length)[: cfg.data.val_max_samples]
+    _nonempty(cfg, val, "validation set")
+    if hub is None:
+        setup = _setup(cfg, template, lm.tokenizer, client_data(cfg, lm.tokenizer, train_ex))
+    else:
+        from .remote import Expectations
+
+        def remote(cid, part):
+            shapes = {k: tuple(p.shape) for k, p in part.adapter.items()}
+            return hub.configure(cid, Expectations(lm.model.config.hidden_size, lm.model.config.vocab_size,
+                                                   cfg.train.batch_size, cfg.data.max_length, shapes,
+                                                   hub.max_bytes))
+        setup = _setup(cfg, template, lm.tokenizer, None, remote=remote, link=hub.stats)
     try:
         strategy = STRATEGIES[cfg.strategy.name](setup)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return Run(cfg, lm.tokenizer, template, strategy, val)
+
+
+def client_role(cfg: Config, cid: int) -> Client:
+    """The client role a deployed client process runs: its own part and its own data partition."""
+    if not 0 <= cid < cfg.strategy.num_clients:
+        raise ConfigError(f"--client-id: {cid} is not in [0, {cfg.strategy.num_clients})")
+    torch.manual_seed(cfg.train.seed)
+    train_ex, _ = load_examples(cfg)
+    lm, template = _model(cfg)
+    features = client_data(cfg, lm.tokenizer, train_ex)[cid]
+    part = (full_part(template) if cfg.strategy.name == "fedlora"
+            else split_model(template, cfg.model.split_layer)[0])
+    return make_client(cid, part, features, _setup(cfg, template, lm.tokenizer, None))
 
 
 @torch.no_grad()
@@ -104,11 +151,12 @@ def _carry_metrics(src: Path, dst: Path, upto_step: int) -> None:
 
 
 def train(cfg: Config, output: str | Path, resume: str | Path | None = None,
-          on_step: Callable[[int], None] | None = None, progress: bool = True) -> dict:
-    """Run (or continue) training; returns the summary also written to summary.json."""
+          on_step: Callable[[int], None] | None = None, progress: bool = True, hub=None) -> dict:
+    """Run (or continue) training; returns the summary also written to summary.json. With a `hub`,
+    this is the deployed server's run: the same loop, with clients in other processes."""
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    run = build_run(cfg)
+    run = build_run(cfg, hub)
     strategy, tcfg = run.strategy, cfg.train
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 

@@ -22,8 +22,8 @@ def train_and_capture(cfg, out, monkeypatch):
     captured = []
     real_build_run = train_mod.build_run
 
-    def build_run(c):
-        run = real_build_run(c)
+    def build_run(c, hub=None):
+        run = real_build_run(c, hub)
         captured.append(run)
         return run
 

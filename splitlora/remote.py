@@ -1,0 +1,345 @@
+"""Networked transport: one server process (main server + fed server) and one process per client,
+over gRPC with mutual TLS.
+
+Each client holds one bidirectional stream, its session. The server runs the very strategy the
+simulator runs; it reaches client i through `RemoteClient`, whose methods (forward, backward,
+adapter_state, ...) send a command down the session and wait for the reply. The client process
+builds the same `Client` role and answers the commands by calling its methods. Every message is a
+safetensors blob (tensors plus metadata {"kind", "meta": JSON}); every reply the server receives is
+validated (kind, keys, shapes, dtypes, finite values, size) and a bad one ends that session with
+INVALID_ARGUMENT, the client drops out of the round, and the server goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from .checkpoint import join_tensors, split_tensors
+from .roles import ClientDropped
+from .wire import decode, encode
+
+SERVICE, METHOD = "splitlora.Split", "Session"
+FULL_METHOD = f"/{SERVICE}/{METHOD}"
+
+
+class BadMessage(ValueError):
+    """A message that is not what the protocol expects here; the text says why."""
+
+
+def pack(kind: str, tensors: dict | None = None, meta: dict | None = None, precision: str = "fp32") -> bytes:
+    return encode(tensors or {}, precision, {"kind": kind, "meta": json.dumps(meta or {})})
+
+
+def unpack(data: bytes, max_bytes: int) -> tuple[str, dict[str, torch.Tensor], dict]:
+    """(kind, tensors, meta) of a message, or BadMessage."""
+    if len(data) > max_bytes:
+        raise BadMessage(f"message of {len(data)} bytes exceeds the {max_bytes}-byte limit")
+    try:
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + n])
+        info = header.get("__metadata__") or {}
+        kind, meta = info["kind"], json.loads(info.get("meta", "{}"))
+        tensors = decode(data)
+    except Exception as e:  # noqa: BLE001 - any parse failure is the sender's fault
+        raise BadMessage(f"not a splitlora message ({type(e).__name__})") from None
+    if not isinstance(meta, dict):
+        raise BadMessage("message metadata is not a JSON object")
+    return kind, tensors, meta
+
+
+@dataclass
+class Expectations:
+    """What replies from clients must look like."""
+
+    hidden: int
+    vocab: int
+    batch_size: int
+    max_length: int
+    adapter_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    max_bytes: int = 256 << 20
+
+
+def _finite(name: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise BadMessage(f"{name} holds NaN or infinite values")
+
+
+def check_smashed(t: dict[str, torch.Tensor], e: Expectations) -> None:
+    if set(t) != {"activations", "attention_mask", "labels"}:
+        raise BadMessage(f"smashed message needs activations, attention_mask, labels; got {sorted(t)}")
+    a, m, y = t["activations"], t["attention_mask"], t["labels"]
+    if a.dtype != torch.float32 or a.dim() != 3 or a.shape[2] != e.hidden:
+        raise BadMessage(f"activations must be float [B, T, {e.hidden}], got {a.dtype} {list(a.shape)}")
+    b, n = a.shape[:2]
+    if not (1 <= b <= e.batch_size and 1 <= n <= e.max_length):
+        raise BadMessage(f"activations of shape {list(a.shape)} exceed batch {e.batch_size} x {e.max_length}")
+    if m.dtype != torch.bool or list(m.shape) != [b, n]:
+        raise BadMessage(f"attention_mask must be bool [{b}, {n}], got {m.dtype} {list(m.shape)}")
+    if y.dtype != torch.int32 or list(y.shape) != [b, n]:
+        raise BadMessage(f"labels must be int32 [{b}, {n}], got {y.dtype} {list(y.shape)}")
+    if ((y != -100) & ((y < 0) | (y >= e.vocab))).any():
+        raise BadMessage("labels outside the vocabulary")
+    _finite("activations", a)
+
+
+def check_adapter(t: dict[str, torch.Tensor], e: Expectations) -> None:
+    if set(t) != set(e.adapter_shapes):
+        raise BadMessage(f"adapter keys differ from the client part's ({len(t)} vs {len(e.adapter_shapes)})")
+    for k, v in t.items():
+        if v.dtype != torch.float32 or tuple(v.shape) != e.adapter_shapes[k]:
+            raise BadMessage(f"adapter tensor {k}: {v.dtype} {list(v.shape)}, expected {e.adapter_shapes[k]}")
+        _finite(k, v)
+
+
+class Session:
+    """One connected client stream: commands go to `outbox`, replies arrive in `inbox`."""
+
+    def __init__(self):
+        self.outbox: queue.Queue = queue.Queue()
+        self.inbox: queue.Queue = queue.Queue()
+        self.closed = threading.Event()
+
+    def close(self, code=None, details: str = "") -> None:
+        if not self.closed.is_set():
+            self.closed.set()
+            self.outbox.put(("end", code, details))
+            self.inbox.put(None)
+
+
+@dataclass
+class WireStats:
+    """Bytes of the messages the server sent (down) and received (up), in total and per client."""
+
+    bytes_up: int = 0
+    bytes_down: int = 0
+    per_client: dict = field(default_factory=dict)
+
+    def add(self, cid: int, up: int = 0, down: int = 0) -> None:
+        self.bytes_up += up
+        self.bytes_down += down
+        c = self.per_client.setdefault(str(cid), {"bytes_up": 0, "bytes_down": 0})
+        c["bytes_up"] += up
+        c["bytes_down"] += down
+
+    def state_dict(self) -> dict:
+        return {"bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "per_client": self.per_client}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.bytes_up, self.bytes_down = state["bytes_up"], state["bytes_down"]
+        self.per_client = state.get("per_client", {})
+
+
+class RemoteClient:
+    """The server's handle on client `cid`: the client role's methods, carried out over its session."""
+
+    def __init__(self, cid: int, hub: "Hub"):
+        self.cid, self.hub = cid, hub
+        self.session: Session | None = None
+        self.num_samples = self.num_trainable = 0
+        self.compute_s = 0.0
+        self.expect: Expectations | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self.session is not None and not self.session.closed.is_set()
+
+    def _call(self, kind: str, tensors=None, meta=None, reply: str = "ack", lossy: bool = False):
+        session = self.session
+        if session is None or session.closed.is_set():
+            raise ClientDropped(f"client {self.cid}: not connected")
+        data = pack(kind, tensors, meta, self.hub.precision if lossy else "fp32")
+        self.hub.stats.add(self.cid, down=len(data))
+        session.outbox.put(("msg", data))
+        try:
+            answer = session.inbox.get(timeout=self.hub.timeout_s)
+        except queue.Empty:
+            session.close(grpc.StatusCode.DEADLINE_EXCEEDED, f"no reply to {kind} in {self.hub.timeout_s} s")
+            raise ClientDropped(f"client {self.cid}: missed the {self.hub.timeout_s} s deadline for {kind}") from None
+        if answer is None:
+            raise ClientDropped(f"client {self.cid}: disconnected")
+        self.hub.stats.add(self.cid, up=len(answer))
+        try:
+            got, out, rmeta = unpack(answer, self.expect.max_bytes)
+            if got != reply:
+                raise BadMessage(f"expected a {reply!r} reply to {kind}, got {got!r}")
+            if reply == "smashed":
+                check_smashed(out, self.expect)
+            elif reply == "adapter":
+                check_adapter(out, self.expect)
+        except BadMessage as e:
+            session.close(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise ClientDropped(f"client {self.cid}: refused its message: {e}") from None
+        self.compute_s = float(rmeta.get("compute_s", self.compute_s))
+        return out, rmeta
+
+    def forward(self):
+        out, meta = self._call("forward", reply="smashed")
+        return out, int(meta["n"])
+
+    def backward(self, activations_grad: torch.Tensor, global_step: int) -> None:
+        self._call("backward", {"activations_grad": activations_grad}, {"step": global_step}, lossy=True)
+
+    def local_step(self, global_step: int) -> tuple[float, int]:
+        _, meta = self._call("local_step", meta={"step": global_step}, reply="loss")
+        return float(meta["loss"]), int(meta["n"])
+
+    def adapter_state(self):
+        return self._call("adapter_state", reply="adapter")[0]
+
+    def peek_adapter_state(self):
+        return self.adapter_state()
+
+    def load_adapter_state(self, state) -> None:
+        self._call("load_adapter_state", state)
+
+    def state_dict(self) -> dict:
+        tensors, meta = self._call("state_dict", reply="state")
+        return join_tensors(meta["state"], tensors)
+
+    def load_state_dict(self, state: dict) -> None:
+        tensors: dict[str, torch.Tensor] = {}
+        self._call("load_state_dict", tensors, {"state": split_tensors(state, tensors)})
+
+
+class Hub:
+    """The server side of all sessions: authenticates clients and hands their streams to the proxies."""
+
+    def __init__(self, num_clients: int, timeout_s: float, precision: str = "fp32", secure: bool = True,
+                 max_bytes: int = 256 << 20):
+        self.proxies = [RemoteClient(cid, self) for cid in range(num_clients)]
+        self.timeout_s, self.precision, self.secure, self.max_bytes = timeout_s, precision, secure, max_bytes
+        self.stats = WireStats()
+        self.joined = threading.Condition()
+        self.refused = 0    # sessions refused at the door (bad hello, wrong identity, unknown client)
+
+    def configure(self, cid: int, expect: Expectations) -> RemoteClient:
+        self.proxies[cid].expect = expect
+        return self.proxies[cid]
+
+    def session(self, requests, context):
+        """gRPC stream-stream handler: hello, then commands out and replies in until the session ends."""
+        from .certs import peer_client_id
+
+        try:
+            kind, _, meta = unpack(next(requests), self.max_bytes)
+            if kind != "hello":
+                raise BadMessage(f"a session starts with hello, not {kind!r}")
+            cid = meta.get("client_id")
+            if not isinstance(cid, int) or not 0 <= cid < len(self.proxies):
+                self.refused += 1
+                context.abort(grpc.StatusCode.NOT_FOUND, f"unknown client id {cid!r}")
+        except (BadMessage, StopIteration) as e:
+            self.refused += 1
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e) or "empty session")
+        if self.secure and peer_client_id(context) != cid:
+            self.refused += 1
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"client certificate is for client {peer_client_id(context)}, not {cid}")
+        proxy = self.proxies[cid]
+        if proxy.session is not None:
+            proxy.session.close(grpc.StatusCode.ABORTED, "replaced by a new session of the same client")
+        session = Session()
+        proxy.num_samples, proxy.num_trainable = int(meta.get("num_samples", 0)), int(meta.get("num_trainable", 0))
+        proxy.session = session
+
+        def read():
+            try:
+                for data in requests:
+                    session.inbox.put(data)
+            except grpc.RpcError:
+                pass
+            session.close()
+
+        threading.Thread(target=read, daemon=True).start()
+        context.add_callback(session.close)
+        with self.joined:
+            self.joined.notify_all()
+        while True:
+            item = session.outbox.get()
+            if item[0] == "end":
+                if item[1] is not None:
+                    context.abort(item[1], item[2])
+                return
+            yield item[1]
+
+    def wait_for_clients(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        with self.joined:
+            while not all(p.connected for p in self.proxies):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    missing = [p.cid for p in self.proxies if not p.connected]
+                    raise TimeoutError(f"clients {missing} did not connect within {timeout_s} s")
+                self.joined.wait(left)
+
+    def finish(self) -> None:
+        for p in self.proxies:
+            if p.connected:
+                p.session.outbox.put(("msg", pack("done")))
+                p.session.outbox.put(("end", None, ""))
+
+
+def serve_client(client, channel_factory, client_id: int, precision: str = "fp32", retries: int = 10,
+                 backoff_s: float = 0.5, max_bytes: int = 256 << 20, log=print) -> None:
+    """Run one client role against the server until it says done; reconnect with bounded backoff."""
+    fatal = {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.NOT_FOUND}
+    attempt = 0
+    while True:
+        outbox: queue.Queue = queue.Queue()
+        outbox.put(pack("hello", meta={"client_id": client_id, "num_samples": client.num_samples,
+                                       "num_trainable": client.num_trainable}))
+        channel = channel_factory()
+        try:
+            replies = channel.stream_stream(FULL_METHOD)(iter(outbox.get, None))
+            for data in replies:
+                attempt = 0
+                kind, tensors, meta = unpack(data, max_bytes)
+                if kind == "done":
+                    outbox.put(None)
+                    return
+                outbox.put(answer(client, kind, tensors, meta, precision))
+            log(f"client {client_id}: session ended by the server; reconnecting")
+        except grpc.RpcError as e:
+            if e.code() in fatal:
+                raise ConnectionRefusedError(f"server refused client {client_id}: {e.details()}") from None
+            log(f"client {client_id}: {e.code().name}: {e.details()}")
+        finally:
+            outbox.put(None)
+            channel.close()
+        attempt += 1
+        if attempt > retries:
+            raise ConnectionError(f"client {client_id}: gave up after {retries} reconnection attempts")
+        time.sleep(min(backoff_s * 2 ** (attempt - 1), 30.0))
+
+
+def answer(client, kind: str, tensors: dict, meta: dict, precision: str) -> bytes:
+    """Carry out one server command with the client role; the reply message."""
+    done = {"compute_s": client.compute_s}
+    if kind == "forward":
+        msg, n = client.forward()
+        return pack("smashed", msg, {"n": n, "compute_s": client.compute_s}, precision)
+    if kind == "backward":
+        client.backward(tensors["activations_grad"], int(meta["step"]))
+    elif kind == "local_step":
+        loss, n = client.local_step(int(meta["step"]))
+        return pack("loss", meta={"loss": loss, "n": n, "compute_s": client.compute_s})
+    elif kind == "adapter_state":
+        return pack("adapter", client.adapter_state(), done)
+    elif kind == "load_adapter_state":
+        client.load_adapter_state(tensors)
+    elif kind == "state_dict":
+        out: dict[str, torch.Tensor] = {}
+        return pack("state", out, {"state": split_tensors(client.state_dict(), out)})
+    elif kind == "load_state_dict":
+        client.load_state_dict(join_tensors(meta["state"], tensors))
+    else:
+        return pack("error", meta={"error": f"unknown command {kind!r}"})
+    return pack("ack", meta={"compute_s": client.compute_s})
