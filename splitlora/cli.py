@@ -1,4 +1,4 @@
-"""Command line: `splitlora train`, `eval`, `score` and `bench overhead`.
+"""Command line: `splitlora train`, `eval`, `score`, `serve`, `client`, `certs` and `bench overhead`.
 
 Errors a user can fix (config, model, data, split point) print one line naming the field or file
 and exit with code 2, without a traceback.
@@ -10,13 +10,15 @@ import argparse
 import json
 import sys
 
+from .certs import CertError
 from .config import ConfigError, load_config
 from .data import DataError
 from .metrics import MetricsError
 from .models import ModelError
 from .split import SplitError
 
-USER_ERRORS = (ConfigError, DataError, MetricsError, ModelError, SplitError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, MetricsError, ModelError, SplitError, FileNotFoundError, FileExistsError,
+               CertError, ConnectionError, TimeoutError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,6 +48,27 @@ def _parser() -> argparse.ArgumentParser:
     s_ = sub.add_parser("score", help="score predictions against references like the E2E scorer")
     s_.add_argument("references", metavar="REFERENCES", help="references.txt (groups split by blank lines) or CSV")
     s_.add_argument("predictions", metavar="PREDICTIONS", help="predictions.txt (one line per MR) or CSV")
+    sv = sub.add_parser("serve", help="run the main server and fed server of a deployment")
+    sv.add_argument("--config", required=True)
+    sv.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sv.add_argument("--address", required=True, help="HOST:PORT to listen on")
+    sv.add_argument("--certs", help="directory made by `splitlora certs`")
+    sv.add_argument("--output", required=True, help="run directory")
+    sv.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    sv.add_argument("--insecure", action="store_true", help="plaintext, loopback addresses only")
+    sv.add_argument("--no-progress", action="store_true")
+    cl = sub.add_parser("client", help="run one data owner of a deployment")
+    cl.add_argument("--config", required=True)
+    cl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    cl.add_argument("--client-id", type=int, required=True)
+    cl.add_argument("--server", required=True, help="HOST:PORT of the server")
+    cl.add_argument("--certs", help="directory made by `splitlora certs`")
+    cl.add_argument("--insecure", action="store_true", help="plaintext, loopback addresses only")
+    ce = sub.add_parser("certs", help="create a CA, a server certificate and client certificates")
+    ce.add_argument("--output", required=True)
+    ce.add_argument("--clients", type=int, required=True)
+    ce.add_argument("--server-name", action="append", help="DNS name or IP of the server (repeatable)")
+    ce.add_argument("--overwrite", action="store_true")
     b = sub.add_parser("bench", help="benchmarks writing JSON")
     b.add_argument("which", choices=["overhead"])
     b.add_argument("--output", required=True, help="JSON file to write")
@@ -91,6 +114,30 @@ def _score(args) -> None:
     print(json.dumps(score_files(args.references, args.predictions), indent=2))
 
 
+def _serve(args) -> None:
+    from .deploy import serve
+
+    summary = serve(load_config(args.config, args.set), args.address, args.certs, args.output,
+                    resume=args.resume, insecure=args.insecure, progress=not args.no_progress)
+    print(json.dumps({k: summary[k] for k in ("step", "final_val_loss", "bytes_up", "bytes_down", "dropouts",
+                                              "adapter")}, indent=2))
+
+
+def _client(args) -> None:
+    from .deploy import client
+
+    client(load_config(args.config, args.set), args.client_id, args.server, args.certs, insecure=args.insecure)
+
+
+def _certs(args) -> None:
+    from .certs import create_certs
+
+    names = args.server_name or ["localhost", "127.0.0.1", "::1"]
+    paths = create_certs(args.output, args.clients, server_names=names, overwrite=args.overwrite)
+    print(f"wrote a CA, a server certificate for {', '.join(names)} and {args.clients} client certificates "
+          f"to {paths['dir']}")
+
+
 def _bench(args) -> None:
     from .bench import overhead
 
@@ -103,7 +150,9 @@ def _bench(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        {"train": _train, "eval": _eval, "score": _score, "bench": _bench}[args.command](args)
+        commands = {"train": _train, "eval": _eval, "score": _score, "serve": _serve, "client": _client,
+                    "certs": _certs, "bench": _bench}
+        commands[args.command](args)
     except USER_ERRORS as e:
         print(f"splitlora: error: {e}", file=sys.stderr)
         return 2

@@ -151,12 +151,14 @@ class RemoteClient:
     def connected(self) -> bool:
         return self.session is not None and not self.session.closed.is_set()
 
-    def _call(self, kind: str, tensors=None, meta=None, reply: str = "ack", lossy: bool = False):
+    def _call(self, kind: str, tensors=None, meta=None, reply: str = "ack", lossy: bool = False,
+              count: bool = True):
         session = self.session
         if session is None or session.closed.is_set():
             raise ClientDropped(f"client {self.cid}: not connected")
         data = pack(kind, tensors, meta, self.hub.precision if lossy else "fp32")
-        self.hub.stats.add(self.cid, down=len(data))
+        stats = self.hub.stats if count else WireStats()   # evaluation reads are measurements, not traffic
+        stats.add(self.cid, down=len(data))
         session.outbox.put(("msg", data))
         try:
             answer = session.inbox.get(timeout=self.hub.timeout_s)
@@ -165,7 +167,7 @@ class RemoteClient:
             raise ClientDropped(f"client {self.cid}: missed the {self.hub.timeout_s} s deadline for {kind}") from None
         if answer is None:
             raise ClientDropped(f"client {self.cid}: disconnected")
-        self.hub.stats.add(self.cid, up=len(answer))
+        stats.add(self.cid, up=len(answer))
         try:
             got, out, rmeta = unpack(answer, self.expect.max_bytes)
             if got != reply:
@@ -195,7 +197,7 @@ class RemoteClient:
         return self._call("adapter_state", reply="adapter")[0]
 
     def peek_adapter_state(self):
-        return self.adapter_state()
+        return self._call("adapter_state", reply="adapter", count=False)[0]
 
     def load_adapter_state(self, state) -> None:
         self._call("load_adapter_state", state)

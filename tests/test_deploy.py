@@ -1,0 +1,143 @@
+"""Deployment on loopback: server and clients over gRPC with mutual TLS compute what the simulator
+computes, refuse bad peers and bad messages, and survive a client that dies."""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+
+from conftest import assert_states_equal, exported_adapter, read_metrics, run_training
+from splitlora.certs import create_certs
+from splitlora.deploy import serve
+from splitlora.remote import FULL_METHOD, pack
+
+# tiny-llama has no dropout and LoRA dropout is 0: each process has its own RNG stream, so only a
+# dropout-free run can be compared bit for bit with the single-process simulator
+BASE = {"strategy.num_clients": 2, "strategy.aggregation_interval": 2, "train.max_steps": 4,
+        "deploy.timeout_s": 20, "deploy.join_timeout_s": 30, "deploy.retries": 3}
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("certs")
+    create_certs(d, 3)
+    return d
+
+
+def start(cfg, out, certs_dir, insecure=False):
+    """serve() in a thread; returns (thread, port, hub, result dict)."""
+    ready: queue.Queue = queue.Queue()
+    result: dict = {}
+
+    def run():
+        try:
+            result["summary"] = serve(cfg, "127.0.0.1:0", str(certs_dir), str(out), insecure=insecure,
+                                      progress=False, on_listening=lambda port, hub: ready.put((port, hub)))
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            result["error"] = e
+            ready.put((None, None))
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    port, hub = ready.get(timeout=60)
+    return t, port, hub, result
+
+
+def run_clients(cfg, port, certs_dir, tmp_path, ids=(0, 1)):
+    """Real client processes (`splitlora client ...`); each has its own RNG, as on separate machines."""
+    config = tmp_path / "client.yaml"
+    config.write_text(yaml.safe_dump(cfg.to_dict()))
+    script = Path(sys.executable).with_name("splitlora")
+    return [subprocess.Popen([str(script), "client", "--config", str(config), "--client-id", str(i),
+                              "--server", f"127.0.0.1:{port}", "--certs", str(certs_dir)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+            for i in ids]
+
+
+def wait_all(procs, server_thread, result, timeout=180):
+    for p in procs:
+        out, err = p.communicate(timeout=timeout)
+        assert p.returncode == 0, err[-2000:]
+    server_thread.join(timeout)
+    assert "error" not in result, result.get("error")
+
+
+@pytest.mark.parametrize("server_mode", ["shared", "per_client"])
+def test_deployed_run_equals_simulator(server_mode, make_config, certs, tmp_path):
+    cfg = make_config({**BASE, "strategy.server_mode": server_mode})
+    run_training(cfg, tmp_path / "sim")
+    t, port, hub, result = start(cfg, tmp_path / "dep", certs)
+    wait_all(run_clients(cfg, port, certs, tmp_path), t, result)
+    sim, dep = read_metrics(tmp_path / "sim"), read_metrics(tmp_path / "dep")
+    assert [r["train_loss"] for r in dep] == [r["train_loss"] for r in sim]
+    assert [r["val_loss"] for r in dep] == [r["val_loss"] for r in sim]
+    assert_states_equal(exported_adapter(tmp_path / "dep"), exported_adapter(tmp_path / "sim"))
+    wire = result["summary"]["wire"]
+    assert set(wire["per_client"]) == {"0", "1"} and all(v["bytes_up"] > 0 for v in wire["per_client"].values())
+    assert dep[-1]["dropouts"] == 0 and dep[-1]["live_clients"] == 2
+    # what the strategy accounted is what crossed the wire (the same safetensors messages)
+    for key in ("bytes_up", "bytes_down"):
+        assert abs(dep[-1][key] / sim[-1][key] - 1) < 0.2, key
+
+
+def _hello(cid):
+    return pack("hello", meta={"client_id": cid, "num_samples": 1, "num_trainable": 1})
+
+
+def _session(port, creds, messages, timeout=10):
+    channel = grpc.secure_channel(f"127.0.0.1:{port}", creds, options=[("grpc.enable_http_proxy", 0)]) \
+        if creds is not None else grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        return list(channel.stream_stream(FULL_METHOD)(iter(messages), timeout=timeout))
+    finally:
+        channel.close()
+
+
+def test_bad_peers_are_refused(make_config, certs, tmp_path):
+    from splitlora.certs import client_credentials
+
+    other = tmp_path / "other-ca"
+    create_certs(other, 1)
+    cfg = make_config({**BASE, "deploy.join_timeout_s": 20})
+    t, port, hub, result = start(cfg, tmp_path / "dep", certs)
+    # a certificate from another CA, and no certificate at all: the TLS handshake fails
+    with pytest.raises(grpc.RpcError) as e:
+        _session(port, client_credentials(other, 0), [_hello(0)])
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    with open(certs / "ca.pem", "rb") as f:
+        no_cert = grpc.ssl_channel_credentials(root_certificates=f.read())
+    with pytest.raises(grpc.RpcError) as e:
+        _session(port, no_cert, [_hello(0)])
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    # a valid certificate for client 2 claiming to be client 0
+    with pytest.raises(grpc.RpcError) as e:
+        _session(port, client_credentials(certs, 2), [_hello(0)])
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "client 2" in e.value.details()
+    # an unknown client id, and garbage instead of a hello
+    with pytest.raises(grpc.RpcError) as e:
+        _session(port, client_credentials(certs, 2), [_hello(7)])
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as e:
+        _session(port, client_credentials(certs, 0), [b"\x00garbage"])
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert hub.refused >= 3
+    # the server still trains afterwards
+    wait_all(run_clients(cfg, port, certs, tmp_path), t, result)
+    assert result["summary"]["step"] == 4
+
+
+def test_insecure_only_on_loopback(make_config, tmp_path):
+    from splitlora.config import ConfigError
+
+    cfg = make_config(BASE)
+    with pytest.raises(ConfigError, match="loopback"):
+        serve(cfg, "0.0.0.0:0", None, str(tmp_path / "o"), insecure=True)
