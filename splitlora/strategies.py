@@ -130,14 +130,23 @@ class Strategy:
         return self.clients[0].num_trainable, server
 
     def state_dict(self) -> dict:
-        return {"clients": [c.state_dict() for c in self.clients],
+        """Everything a resumed run needs; a client that cannot be reached is saved as None and keeps
+        whatever state it has when it comes back (it gets the global adapter at the next round)."""
+        def client_state(c):
+            try:
+                return c.state_dict() if c.cid not in self.dropped else None
+            except ClientDropped:
+                return None
+
+        return {"clients": [client_state(c) for c in self.clients],
                 "server": self.server.state_dict() if self.server else None,
                 "link": self.s.link.state_dict(), "fed_compute_s": self.s.fed.compute_s, "rounds": self.rounds,
                 "dropouts": self.dropouts}
 
     def load_state_dict(self, state: dict) -> None:
         for c, cs in zip(self.clients, state["clients"], strict=True):
-            c.load_state_dict(cs)
+            if cs is not None:
+                c.load_state_dict(cs)
         if self.server:
             self.server.load_state_dict(state["server"])
         self.s.link.load_state_dict(state["link"])

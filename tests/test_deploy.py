@@ -141,3 +141,25 @@ def test_insecure_only_on_loopback(make_config, tmp_path):
     cfg = make_config(BASE)
     with pytest.raises(ConfigError, match="loopback"):
         serve(cfg, "0.0.0.0:0", None, str(tmp_path / "o"), insecure=True)
+
+
+def test_a_killed_client_is_dropped_and_the_run_completes(make_config, certs, tmp_path):
+    import time
+
+    cfg = make_config({**BASE, "strategy.num_clients": 3, "train.max_steps": 6, "deploy.timeout_s": 10,
+                       "deploy.retries": 0})
+    t, port, hub, result = start(cfg, tmp_path / "dep", certs)
+    procs = run_clients(cfg, port, certs, tmp_path, ids=(0, 1, 2))
+    metrics = tmp_path / "dep" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.05)
+    procs[2].kill()                       # mid-run: client 2's process dies
+    procs[2].wait()
+    wait_all(procs[:2], t, result)
+    summary = result["summary"]
+    assert summary["step"] == 6
+    assert summary["dropouts"] >= 1 and {e["client"] for e in summary["dropout_events"]} == {2}
+    records = read_metrics(tmp_path / "dep")
+    assert records[-1]["live_clients"] == 2
+    assert all(r["train_loss"] == r["train_loss"] for r in records[1:])   # no NaN losses
