@@ -163,3 +163,57 @@ def test_a_killed_client_is_dropped_and_the_run_completes(make_config, certs, tm
     records = read_metrics(tmp_path / "dep")
     assert records[-1]["live_clients"] == 2
     assert all(r["train_loss"] == r["train_loss"] for r in records[1:])   # no NaN losses
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_server_killed_and_resumed_completes_without_applying_a_round_twice(make_config, certs, tmp_path):
+    """The server dies after a checkpoint; `serve --resume` continues from it, the clients reconnect by
+    themselves, and the run ends exactly where an uninterrupted run ends."""
+    import signal
+    import time
+
+    cfg = make_config({**BASE, "train.max_steps": 12, "deploy.retries": 12})
+    run_training(cfg, tmp_path / "sim")
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump(cfg.to_dict()))
+    port, out = _free_port(), tmp_path / "dep"
+    script = str(Path(sys.executable).with_name("splitlora"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def server(*extra):
+        return subprocess.Popen([script, "serve", "--config", str(config), "--address", f"127.0.0.1:{port}",
+                                 "--certs", str(certs), "--output", str(out), "--no-progress", *extra],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+    first = server()
+    clients = run_clients(cfg, port, certs, tmp_path)
+    metrics, deadline = out / "metrics.jsonl", time.monotonic() + 120
+    # wait for the first aggregation's checkpoint (round 1 at step 2), then kill the server mid-round
+    while time.monotonic() < deadline and not (
+            (out / "checkpoint" / "state.json").exists() and metrics.exists()
+            and any(r["step"] >= 3 for r in read_metrics(out))):
+        time.sleep(0.02)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    killed_at = max(r["step"] for r in read_metrics(out))
+    assert 3 <= killed_at < 12                                     # it died mid-run
+    second = server("--resume")
+    out2, err2 = second.communicate(timeout=240)
+    assert second.returncode == 0, err2[-3000:]
+    for c in clients:
+        _, err = c.communicate(timeout=60)
+        assert c.returncode == 0, err[-2000:]
+    records = read_metrics(out)
+    steps = [r["step"] for r in records]
+    assert steps == sorted(set(steps)) and steps[-1] == 12         # no step logged twice
+    assert [r["round"] for r in records if r["step"] % 2 == 0 and r["step"]] == [1, 2, 3, 4, 5, 6]
+    sim = read_metrics(tmp_path / "sim")
+    assert [r["train_loss"] for r in records] == [r["train_loss"] for r in sim]
+    assert_states_equal(exported_adapter(out), exported_adapter(tmp_path / "sim"))
