@@ -323,8 +323,17 @@ def serve_client(client, channel_factory, client_id: int, precision: str = "fp32
 
 
 def answer(client, kind: str, tensors: dict, meta: dict, precision: str) -> bytes:
-    """Carry out one server command with the client role; the reply message."""
+    """Carry out one server command with the client role; the reply message. What the server sends is
+    checked too: a gradient must match the pending activations and every tensor must be finite."""
     done = {"compute_s": client.compute_s}
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            return pack("error", meta={"error": f"{kind}: {name} holds NaN or infinite values"})
+    if kind == "backward":
+        pending = getattr(client, "_activations", None)
+        grad = tensors.get("activations_grad")
+        if pending is None or grad is None or grad.shape != pending.shape:
+            return pack("error", meta={"error": "backward: the gradient does not match the pending activations"})
     if kind == "forward":
         msg, n = client.forward()
         return pack("smashed", msg, {"n": n, "compute_s": client.compute_s}, precision)
