@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 
 import grpc
 import torch
+from safetensors.torch import load as st_load
 
 from .checkpoint import join_tensors, split_tensors
 from .roles import ClientDropped
-from .wire import decode, encode
+from .wire import dequantize, encode
 
 SERVICE, METHOD = "splitlora.Split", "Session"
 FULL_METHOD = f"/{SERVICE}/{METHOD}"
@@ -47,12 +48,25 @@ def unpack(data: bytes, max_bytes: int) -> tuple[str, dict[str, torch.Tensor], d
         header = json.loads(data[8:8 + n])
         info = header.get("__metadata__") or {}
         kind, meta = info["kind"], json.loads(info.get("meta", "{}"))
-        tensors = decode(data)
+        tensors = st_load(data)
     except Exception as e:  # noqa: BLE001 - any parse failure is the sender's fault
         raise BadMessage(f"not a splitlora message ({type(e).__name__})") from None
+    try:
+        tensors = dequantize(tensors)
+    except ValueError as e:
+        raise BadMessage(str(e)) from None
     if not isinstance(meta, dict):
         raise BadMessage("message metadata is not a JSON object")
     return kind, tensors, meta
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and abs(float(x)) < float("inf")
+
+
+def _count(x) -> int:
+    """x if it is an int in [1, 2**31), else 0."""
+    return x if isinstance(x, int) and not isinstance(x, bool) and 1 <= x < 2 ** 31 else 0
 
 
 @dataclass
@@ -87,6 +101,8 @@ def check_smashed(t: dict[str, torch.Tensor], e: Expectations) -> None:
         raise BadMessage(f"labels must be int32 [{b}, {n}], got {y.dtype} {list(y.shape)}")
     if ((y != -100) & ((y < 0) | (y >= e.vocab))).any():
         raise BadMessage("labels outside the vocabulary")
+    if not (y[:, 1:] != -100).any():
+        raise BadMessage("labels supervise no token")
     _finite("activations", a)
 
 
@@ -174,8 +190,20 @@ class RemoteClient:
                 raise BadMessage(f"expected a {reply!r} reply to {kind}, got {got!r}")
             if reply == "smashed":
                 check_smashed(out, self.expect)
+                if _count(rmeta.get("n")) != out["activations"].shape[0]:
+                    raise BadMessage("smashed reply: n must be the batch size")
             elif reply == "adapter":
                 check_adapter(out, self.expect)
+            elif reply == "loss":
+                if not (_number(rmeta.get("loss")) and _count(rmeta.get("n"))):
+                    raise BadMessage("loss reply needs a finite loss and a positive n")
+            elif reply == "state":
+                try:
+                    out = join_tensors(rmeta["state"], out)
+                except Exception:  # noqa: BLE001 - any malformed state is the sender's fault
+                    raise BadMessage("state reply is not a client state") from None
+            if "compute_s" in rmeta and not _number(rmeta["compute_s"]):
+                raise BadMessage("compute_s must be a finite number")
         except BadMessage as e:
             session.close(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             raise ClientDropped(f"client {self.cid}: refused its message: {e}") from None
@@ -203,8 +231,7 @@ class RemoteClient:
         self._call("load_adapter_state", state)
 
     def state_dict(self) -> dict:
-        tensors, meta = self._call("state_dict", reply="state")
-        return join_tensors(meta["state"], tensors)
+        return self._call("state_dict", reply="state")[0]
 
     def load_state_dict(self, state: dict) -> None:
         tensors: dict[str, torch.Tensor] = {}
@@ -235,9 +262,12 @@ class Hub:
             if kind != "hello":
                 raise BadMessage(f"a session starts with hello, not {kind!r}")
             cid = meta.get("client_id")
-            if not isinstance(cid, int) or not 0 <= cid < len(self.proxies):
+            if not isinstance(cid, int) or isinstance(cid, bool) or not 0 <= cid < len(self.proxies):
                 self.refused += 1
                 context.abort(grpc.StatusCode.NOT_FOUND, f"unknown client id {cid!r}")
+            trainable = meta.get("num_trainable")
+            if not _count(meta.get("num_samples")) or not (_count(trainable) or trainable == 0):
+                raise BadMessage("hello needs num_samples in [1, 2**31) and num_trainable >= 0")
         except (BadMessage, StopIteration) as e:
             self.refused += 1
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e) or "empty session")

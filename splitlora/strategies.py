@@ -67,6 +67,7 @@ class Strategy:
         self.rounds = 0
         self.dropped: set[int] = set()
         self.dropouts: list[dict] = []    # {"step", "client", "reason"} each time a client left a round
+        self.t = -1                       # the step under way (evaluations happen after it)
 
     def step(self, t: int) -> tuple[float, int]:
         """One global step (0-based t); returns (mean training loss, samples processed)."""
@@ -95,6 +96,7 @@ class Strategy:
             return False, None
 
     def _each(self, t: int, fn: Callable) -> tuple[float, int]:
+        self.t = t
         results = [r for c in self.live() for ok, r in [self.guarded(t, c, fn)] if ok]
         if not results:
             raise RuntimeError(f"step {t + 1}: no client left to train")
@@ -191,8 +193,11 @@ class FedLoRA(Strategy):
         return result
 
     def global_adapter(self):
-        live = self.live() or self.clients
-        return fedavg([c.peek_adapter_state() for c in live], [c.num_samples for c in live])
+        peeks = [(c, s) for c in self.live() for ok, s in [self.guarded(self.t, c, lambda c: c.peek_adapter_state())]
+                 if ok]
+        if not peeks:
+            raise RuntimeError("no client left to evaluate")
+        return fedavg([s for _, s in peeks], [c.num_samples for c, _ in peeks])
 
 
 class SplitLoRA(FedLoRA):
@@ -246,6 +251,7 @@ class SL(SplitLoRA):
         self.holder = 0   # the client that holds the client adapter now
 
     def step(self, t):
+        self.t = t
         holder = self.clients[self.holder]
         ok, result = self.guarded(t, holder, lambda c: self.split_step(c, t))
         if not ok:               # the holder dropped: what it learned since the last hand-off is lost

@@ -17,7 +17,6 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 LOSSY = ("activations", "activations_grad")   # the only tensors a lower wire precision applies to
 _SCALE = ".int8_scale"
@@ -38,13 +37,26 @@ def _quantize(tensors: dict[str, torch.Tensor], precision: str) -> dict[str, tor
     return out
 
 
-def _dequantize(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def dequantize(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Back to fp32; anything but the documented forms (F32/F16/BF16, or I8 with one [1] F32 scale,
+    for the lossy tensors only) is refused, so a small message cannot expand into a huge one."""
     out = {}
     for k, v in tensors.items():
         if k.endswith(_SCALE):
+            base = k[: -len(_SCALE)]
+            if base not in LOSSY or base not in tensors:
+                raise ValueError(f"unexpected tensor {k}")
             continue
         if k in LOSSY:
-            v = v.float() * tensors[k + _SCALE] if k + _SCALE in tensors else v.float()
+            scale = tensors.get(k + _SCALE)
+            if scale is not None:
+                if v.dtype != torch.int8 or scale.dtype != torch.float32 or tuple(scale.shape) != (1,):
+                    raise ValueError(f"{k}: int8 needs one float32 scale of shape [1]")
+                v = v.float() * scale
+            elif v.dtype in (torch.float32, torch.float16, torch.bfloat16):
+                v = v.float()
+            else:
+                raise ValueError(f"{k}: dtype {v.dtype} is not a wire precision")
         out[k] = v
     return out
 
@@ -56,7 +68,7 @@ def encode(tensors: dict[str, torch.Tensor], precision: str = "fp32",
 
 
 def decode(data: bytes) -> dict[str, torch.Tensor]:
-    return _dequantize(st_load(data))
+    return dequantize(st_load(data))
 
 
 def smashed_message(activations: torch.Tensor, attention_mask: torch.Tensor,
