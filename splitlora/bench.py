@@ -98,7 +98,9 @@ DEPLOY_DOC = """SplitLoRA with 2 clients, deployed on loopback (`splitlora serve
 process per client, mutual TLS) against the same run in one process (`splitlora train`), LoRA dropout
 0 so both compute the same losses (`same_losses`).
 - step time: mean wall seconds per training step from metrics.jsonl (cumulative `wall_s` counts only
-  the steps: no start-up, evaluation or checkpoint writing), the first `skipped_steps` excluded.
+  the steps: no start-up, evaluation or checkpoint writing), the first `skipped_steps` excluded;
+  `seconds_per_step`: client compute (both clients), server compute and the rest (transport,
+  serialization, waiting), from the metrics' compute counters.
 - bytes: `socket`: counted at the sockets by a TCP relay between the clients and the server (TLS
   records, HTTP/2 and gRPC framing, every message); `messages`: what the server counted (summary.json
   `wire`); `accounted`: what the simulator accounts (metrics bytes_up + bytes_down). `*_run`: the
@@ -108,12 +110,12 @@ process per client, mutual TLS) against the same run in one process (`splitlora 
   (`training_steps_compared`: no aggregation or checkpoint at the step or the one before, not the
   last, which includes the final evaluation), from relay counters sampled when each step's metrics
   record appears.
-  `seconds_per_step`: client compute (both clients), server compute and the rest (transport,
-  serialization, waiting), from the metrics' compute counters.
 - `deployment_only_messages`: message bytes the simulator has no counterpart for (client states the
   server reads for its checkpoints, commands and acknowledgements).
 - memory: peak RSS (ru_maxrss from wait4) of each process; `rss_ratio`: the larger client's peak
   over the peak of a centralized run (`splitlora train`, cenlora, same model, batch and length).
+- `process_stats`: per process, peak RSS, CPU seconds, minor page faults and involuntary context
+  switches (wait4), whole lifetime including start-up.
 - `other_cpu_s`: CPU seconds used on the machine during a run by processes outside the benchmark
   (from /proc/stat): timings taken while it is large are not to be trusted. With `repeats` > 1 each
   precision runs that many (in-process, deployed) pairs, alternating which goes first; the headline
@@ -220,7 +222,7 @@ def _cpu_mark() -> tuple[float, float, float]:
     return _busy_cpu_s(), ru.ru_utime + ru.ru_stime, time.monotonic()
 
 
-def _run_processes(procs: dict, timeout_s: float, tick=None, mark=None) -> dict:
+def _run_processes(procs: dict, timeout_s: float, tick=None, mark=None, poll_s: float = 0.02) -> dict:
     """Wait for every process of `procs` (name -> Popen, spawned after `mark`), calling `tick()`
     meanwhile; per name, its peak RSS (MiB) and CPU seconds from wait4, so no other process's usage
     is mixed in; `_other_cpu_s`: CPU time of the machine since `mark` not spent by them or by us."""
@@ -238,12 +240,13 @@ def _run_processes(procs: dict, timeout_s: float, tick=None, mark=None) -> dict:
                     proc.returncode = os.waitstatus_to_exitcode(status)
                     if proc.returncode != 0:
                         raise RuntimeError(f"{name} exited with {proc.returncode} (see its log)")
-                    usage[name] = {"peak_rss_mib": ru.ru_maxrss / 1024, "cpu_s": ru.ru_utime + ru.ru_stime}
+                    usage[name] = {"peak_rss_mib": ru.ru_maxrss / 1024, "cpu_s": ru.ru_utime + ru.ru_stime,
+                                   "minor_faults": ru.ru_minflt, "involuntary_switches": ru.ru_nivcsw}
             if time.monotonic() > deadline:
                 raise TimeoutError(f"bench deploy: {sorted(set(procs) - set(usage))} still running after {timeout_s} s")
             if tick:
                 tick()
-            time.sleep(0.02)
+            time.sleep(poll_s)
     finally:
         for name, proc in procs.items():
             if name not in usage and proc.returncode is None:
@@ -433,6 +436,8 @@ def deploy(model_name: str = "smollm2-135m-instruct", steps: int = 6, split_laye
             "peak_rss_mib": {"in_process": sim_usage[f"sim-{tag}"]["peak_rss_mib"],
                              "server": dep["usage"]["server"]["peak_rss_mib"],
                              "clients": [dep["usage"][f"client{i}"]["peak_rss_mib"] for i in range(num_clients)]},
+            "process_stats": {"in_process": sim_usage[f"sim-{tag}"],
+                              **{k: v for k, v in dep["usage"].items() if not k.startswith("_")}},
             "other_cpu_s": {"in_process": sim_usage["_other_cpu_s"], "deployed": dep["usage"]["_other_cpu_s"]},
             "elapsed_s": {"in_process": sim_usage["_elapsed_s"], "deployed": dep["usage"]["_elapsed_s"]},
             "waited_for_quiet_s": {"in_process": sim_usage["waited_for_quiet_s"],
