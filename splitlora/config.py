@@ -78,6 +78,8 @@ class DeploySection(_Section):
     join_timeout_s: float = Field(600.0, gt=0)   # how long the server waits for all clients at start
     retries: int = Field(20, ge=0)               # client reconnection attempts (exponential backoff)
     max_message_mb: int = Field(256, ge=1)
+    hello_timeout_s: float = Field(10.0, gt=0)   # a new session must say hello within this time
+    max_pending_sessions: int = Field(2, ge=1)   # sessions per client certificate still waiting for hello
 
 
 class Config(_Section):

@@ -41,8 +41,12 @@ def start_server(cfg: Config, address: str, certs: str | None, insecure: bool = 
     """(grpc server, hub, bound port): listening, sessions not yet joined."""
     _check(cfg, address, insecure)
     hub = Hub(cfg.strategy.num_clients, cfg.deploy.timeout_s, cfg.wire.precision, secure=not insecure,
-              max_bytes=cfg.deploy.max_message_mb << 20)
-    server = grpc.server(ThreadPoolExecutor(max_workers=2 * cfg.strategy.num_clients + 16), options=_options(cfg))
+              max_bytes=cfg.deploy.max_message_mb << 20, hello_timeout_s=cfg.deploy.hello_timeout_s,
+              max_pending=cfg.deploy.max_pending_sessions)
+    # spare threads beyond what sessions can hold, for the refusals; further calls are refused by gRPC
+    workers = hub.threads_needed + 8
+    server = grpc.server(ThreadPoolExecutor(max_workers=workers), options=_options(cfg),
+                         maximum_concurrent_rpcs=workers)
     handler = grpc.stream_stream_rpc_method_handler(hub.session)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {METHOD: handler}),))
     if insecure:

@@ -17,6 +17,7 @@ import queue
 import struct
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import grpc
@@ -239,58 +240,102 @@ class RemoteClient:
 
 
 class Hub:
-    """The server side of all sessions: authenticates clients and hands their streams to the proxies."""
+    """The server side of all sessions: authenticates clients and hands their streams to the proxies.
+
+    Every session holds one of the gRPC server's worker threads. A session that never says hello is
+    cut after `hello_timeout_s`, each client certificate may have at most `max_pending` sessions
+    waiting for hello, and all certificates together at most `num_clients + 8`: the rest are refused
+    at once with RESOURCE_EXHAUSTED, so silent sessions can never hold every thread."""
 
     def __init__(self, num_clients: int, timeout_s: float, precision: str = "fp32", secure: bool = True,
-                 max_bytes: int = 256 << 20):
+                 max_bytes: int = 256 << 20, hello_timeout_s: float = 10.0, max_pending: int = 2):
         self.proxies = [RemoteClient(cid, self) for cid in range(num_clients)]
         self.timeout_s, self.precision, self.secure, self.max_bytes = timeout_s, precision, secure, max_bytes
+        self.hello_timeout_s, self.max_pending = hello_timeout_s, max_pending
+        self.max_pending_total = num_clients + 8
         self.stats = WireStats()
         self.joined = threading.Condition()
-        self.refused = 0    # sessions refused at the door (bad hello, wrong identity, unknown client)
+        self._lock = threading.Lock()
+        self._pending: Counter = Counter()   # sessions waiting for hello, per certificate (None: insecure)
+        self.refused = 0    # sessions refused at the door (bad hello, wrong identity, unknown client, crowd)
+
+    @property
+    def threads_needed(self) -> int:
+        """Worker threads that joined sessions plus the most pending ones can hold."""
+        return len(self.proxies) + self.max_pending_total
 
     def configure(self, cid: int, expect: Expectations) -> RemoteClient:
         self.proxies[cid].expect = expect
         return self.proxies[cid]
 
+    def _refuse(self, context, code, details: str):
+        with self._lock:
+            self.refused += 1
+        context.abort(code, details)
+
+    def _admit(self, peer) -> bool:
+        with self._lock:
+            if (self._pending[peer] >= self.max_pending and self.secure) \
+                    or sum(self._pending.values()) >= self.max_pending_total:
+                return False
+            self._pending[peer] += 1
+            return True
+
+    def _release(self, peer) -> None:
+        with self._lock:
+            self._pending[peer] -= 1
+
     def session(self, requests, context):
         """gRPC stream-stream handler: hello, then commands out and replies in until the session ends."""
         from .certs import peer_client_id
 
-        try:
-            kind, _, meta = unpack(next(requests), self.max_bytes)
-            if kind != "hello":
-                raise BadMessage(f"a session starts with hello, not {kind!r}")
-            cid = meta.get("client_id")
-            if not isinstance(cid, int) or isinstance(cid, bool) or not 0 <= cid < len(self.proxies):
-                self.refused += 1
-                context.abort(grpc.StatusCode.NOT_FOUND, f"unknown client id {cid!r}")
-            trainable = meta.get("num_trainable")
-            if not _count(meta.get("num_samples")) or not (_count(trainable) or trainable == 0):
-                raise BadMessage("hello needs num_samples in [1, 2**31) and num_trainable >= 0")
-        except (BadMessage, StopIteration) as e:
-            self.refused += 1
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e) or "empty session")
-        if self.secure and peer_client_id(context) != cid:
-            self.refused += 1
-            context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                          f"client certificate is for client {peer_client_id(context)}, not {cid}")
-        proxy = self.proxies[cid]
-        if proxy.session is not None:
-            proxy.session.close(grpc.StatusCode.ABORTED, "replaced by a new session of the same client")
+        peer = peer_client_id(context) if self.secure else None
+        if not self._admit(peer):
+            self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         f"too many sessions waiting for hello{'' if peer is None else f' from client {peer}'}")
         session = Session()
-        proxy.num_samples, proxy.num_trainable = int(meta.get("num_samples", 0)), int(meta.get("num_trainable", 0))
-        proxy.session = session
 
-        def read():
+        def read():   # a plain thread per session: messages in, None when the stream ends
             try:
                 for data in requests:
+                    if session.inbox.qsize() >= 4:   # replies are one per command; these were never asked for
+                        session.close(grpc.StatusCode.INVALID_ARGUMENT, "messages that no command asked for")
+                        break
                     session.inbox.put(data)
             except grpc.RpcError:
                 pass
             session.close()
 
         threading.Thread(target=read, daemon=True).start()
+        try:
+            try:
+                first = session.inbox.get(timeout=self.hello_timeout_s)
+            except queue.Empty:
+                self._refuse(context, grpc.StatusCode.DEADLINE_EXCEEDED, f"no hello within {self.hello_timeout_s} s")
+            try:
+                if first is None:
+                    raise BadMessage("empty session")
+                kind, _, meta = unpack(first, self.max_bytes)
+                if kind != "hello":
+                    raise BadMessage(f"a session starts with hello, not {kind!r}")
+                cid = meta.get("client_id")
+                if not isinstance(cid, int) or isinstance(cid, bool) or not 0 <= cid < len(self.proxies):
+                    self._refuse(context, grpc.StatusCode.NOT_FOUND, f"unknown client id {cid!r}")
+                trainable = meta.get("num_trainable")
+                if not _count(meta.get("num_samples")) or not (_count(trainable) or trainable == 0):
+                    raise BadMessage("hello needs num_samples in [1, 2**31) and num_trainable >= 0")
+            except BadMessage as e:
+                self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            if self.secure and peer != cid:
+                self._refuse(context, grpc.StatusCode.PERMISSION_DENIED,
+                             f"client certificate is for client {peer}, not {cid}")
+        finally:
+            self._release(peer)
+        proxy = self.proxies[cid]
+        if proxy.session is not None:
+            proxy.session.close(grpc.StatusCode.ABORTED, "replaced by a new session of the same client")
+        proxy.num_samples, proxy.num_trainable = int(meta.get("num_samples", 0)), int(meta.get("num_trainable", 0))
+        proxy.session = session
         context.add_callback(session.close)
         with self.joined:
             self.joined.notify_all()

@@ -14,8 +14,8 @@ Two kinds of malformed messages:
 
 Everything is seeded (random.Random(0), torch generators), bounded (every RPC has a deadline) and on
 127.0.0.1. The tests at the end pin the server bugs the fuzzing found (malformed messages that crashed
-the server or were accepted), one test per bug; the one still marked xfail (strict, so a fix is
-noticed) is open: silent sessions that never say hello can hold every worker thread.
+the server or were accepted), one test per bug, the last of them: silent sessions that never said
+hello could hold every worker thread and lock the other clients out.
 """
 
 from __future__ import annotations
@@ -613,28 +613,40 @@ def test_hello_metadata_is_validated_at_the_door(make_config, certs, tmp_path):
     assert got == ["INVALID_ARGUMENT"] * len(bad), list(zip(bad, got))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "server bug: Hub.session blocks a worker of the server's thread pool (2 x num_clients + 16 "
-    "threads) on next(requests) until the hello arrives, with no deadline: one certificate holder that "
-    "opens that many streams and sends nothing locks every other client out (their sessions queue, and "
-    "a client that dropped out cannot rejoin) for as long as it keeps them open."))
 def test_silent_sessions_do_not_lock_other_clients_out(make_config, certs, tmp_path):
-    cfg = make_config({**BASE, "train.max_steps": 2, "deploy.join_timeout_s": 30})
-    server, port, _, result = start(cfg, tmp_path / "dep", certs)
+    """One certificate holder opens more streams than the server has worker threads and sends nothing:
+    all but `max_pending_sessions` are refused at once, those are cut at the hello deadline, and
+    another client is answered meanwhile."""
+    cfg = make_config({**BASE, "train.max_steps": 2, "deploy.join_timeout_s": 30, "deploy.hello_timeout_s": 2})
+    server, port, hub, result = start(cfg, tmp_path / "dep", certs)
     silent_channel, other = _channel(port, certs, 0), _channel(port, certs, 1)
-    silent = [silent_channel.stream_stream(FULL_METHOD)(iter(queue.Queue().get, None), timeout=10)
-              for _ in range(2 * cfg.strategy.num_clients + 16 + 8)]
+    n_silent = hub.threads_needed + 8 + 8    # more than the server's worker threads
+    silent = [silent_channel.stream_stream(FULL_METHOD)(iter(queue.Queue().get, None), timeout=20)
+              for _ in range(n_silent)]
     time.sleep(0.3)
+    t0 = time.monotonic()
     try:
         list(other.stream_stream(FULL_METHOD)(iter([pack("hello", meta={"client_id": 9})]), timeout=2))
         code = "OK"
     except grpc.RpcError as e:
         code = e.code().name
-    finally:
-        for call in silent:
-            call.cancel()
-        silent_channel.close()
-        other.close()
+    answered_s = time.monotonic() - t0
+    ends = []
+    for call in silent:
+        try:
+            list(call)
+            ends.append(("OK", ""))
+        except grpc.RpcError as e:
+            ends.append((e.code().name, e.details() or ""))
+    silent_channel.close()
+    other.close()
     _finish_run(cfg, port, certs, server)
     assert "error" not in result, result["error"]
-    assert code == "NOT_FOUND"    # client 1's (bad) hello is answered at once
+    assert code == "NOT_FOUND" and answered_s < 1.5   # client 1's (bad) hello is answered at once
+    # the certificate's pending quota is held until the hello deadline, every other stream refused
+    cut = [d for c, d in ends if c == "DEADLINE_EXCEEDED" and "no hello within 2.0 s" in d]
+    crowd = [d for c, d in ends if c == "RESOURCE_EXHAUSTED"]   # by the hub, or by gRPC's own RPC limit
+    assert any("waiting for hello from client 0" in d for d in crowd), ends
+    assert len(cut) == cfg.deploy.max_pending_sessions, ends
+    assert len(crowd) == n_silent - len(cut), ends
+    assert result["summary"]["step"] == cfg.train.max_steps
