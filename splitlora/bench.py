@@ -119,7 +119,8 @@ process per client, mutual TLS) against the same run in one process (`splitlora 
 - `other_cpu_s`: CPU seconds used on the machine during a run by processes outside the benchmark
   (from /proc/stat): timings taken while it is large are not to be trusted. With `repeats` > 1 each
   precision runs that many (in-process, deployed) pairs, alternating which goes first; the headline
-  numbers are those of the pair that other processes disturbed least, and `pairs` lists them all.
+  numbers are those of the median pair by step ratio (the lower median for an even count), and
+  `pairs` lists them all.
 """
 
 
@@ -369,10 +370,18 @@ def deploy(model_name: str = "smollm2-135m-instruct", steps: int = 6, split_laye
                                            "--server", f"127.0.0.1:{relay.port}", "--certs", str(certs)],
                                           f"{name}-client{cid}.log")
         snapshots: dict[int, tuple[int, int]] = {}   # step -> relay counters when its record appeared
+        seen = [-1]   # metrics.jsonl size at the last read: it is parsed only when it grew
 
         def tick():
-            for r in _metrics(out)[len(snapshots):]:
-                snapshots[r["step"]] = relay.counts()
+            try:
+                size = os.stat(out / "metrics.jsonl").st_size
+            except OSError:
+                return
+            if size != seen[0]:
+                counts = relay.counts()
+                seen[0] = size
+                for r in _metrics(out)[len(snapshots):]:
+                    snapshots[r["step"]] = counts
 
         try:
             usage = _run_processes(procs, timeout_s, tick, mark)
@@ -448,8 +457,8 @@ def deploy(model_name: str = "smollm2-135m-instruct", steps: int = 6, split_laye
     results: dict = {}
     for precision in precisions:
         pairs = [pair(precision, r) for r in range(repeats)]
-        # the headline pair is the one other processes disturbed least; every pair is kept
-        best = min(range(repeats), key=lambda i: sum(pairs[i]["other_cpu_s"].values()))
+        # the headline pair is the median one by step ratio (other processes' CPU is recorded per pair)
+        best = sorted(range(repeats), key=lambda i: pairs[i]["step_ratio"])[(repeats - 1) // 2]
         results[precision] = {**pairs[best], "headline_pair": best}
         if repeats > 1:
             results[precision]["pairs"] = [
