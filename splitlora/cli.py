@@ -1,4 +1,5 @@
-"""Command line: `splitlora train`, `eval`, `score`, `serve`, `client`, `certs` and `bench overhead|deploy`.
+"""Command line: `splitlora train`, `eval`, `score`, `serve`, `client`, `certs`, `calibrate`, `compare` and
+`bench overhead|deploy`.
 
 Errors a user can fix (config, model, data, split point) print one line naming the field or file
 and exit with code 2, without a traceback.
@@ -12,13 +13,14 @@ import sys
 
 from .certs import CertError
 from .config import ConfigError, load_config
+from .cost import CostError
 from .data import DataError
 from .metrics import MetricsError
 from .models import ModelError
 from .split import SplitError
 
 USER_ERRORS = (ConfigError, DataError, MetricsError, ModelError, SplitError, FileNotFoundError, FileExistsError,
-               CertError, ConnectionError, TimeoutError)
+               CertError, CostError, ConnectionError, TimeoutError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,6 +71,22 @@ def _parser() -> argparse.ArgumentParser:
     ce.add_argument("--clients", type=int, required=True)
     ce.add_argument("--server-name", action="append", help="DNS name or IP of the server (repeatable)")
     ce.add_argument("--overwrite", action="store_true")
+    ca = sub.add_parser("calibrate", help="measure this machine as a device profile for simulated time")
+    ca.add_argument("--config", required=True, help="YAML config (model, split layer, batch, data)")
+    ca.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ca.add_argument("--output", required=True, help="profiles file to write (local-client, local-server)")
+    ca.add_argument("--report", help="JSON file for the fit and the check (default: OUTPUT with .report.json)")
+    ca.add_argument("--steps", type=int, default=8, help="steps of each check run (default 8)")
+    co = sub.add_parser("compare", help="run several strategies on the same budget and write a report")
+    co.add_argument("--config", required=True)
+    co.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    co.add_argument("--strategies", default="cenlora,fedlora,sl,splitlora", help="comma-separated")
+    co.add_argument("--output", required=True, help="directory for the runs, compare.json and report.md")
+    co.add_argument("--samples", type=int, help="sample budget (default: train.max_steps x samples per step)")
+    co.add_argument("--eval-samples", type=int, help="evaluate every N samples (default: from train.eval_interval)")
+    co.add_argument("--target", type=float, help="target validation loss (default: best cenlora loss + margin)")
+    co.add_argument("--margin", type=float, default=0.05, help="relative margin over cenlora's loss (default 0.05)")
+    co.add_argument("--no-progress", action="store_true")
     b = sub.add_parser("bench", help="benchmarks writing JSON")
     b.add_argument("which", choices=["overhead", "deploy"])
     b.add_argument("--output", required=True, help="JSON file to write")
@@ -143,6 +161,28 @@ def _certs(args) -> None:
           f"to {paths['dir']}")
 
 
+def _calibrate(args) -> None:
+    from .calibrate import calibrate
+
+    result = calibrate(load_config(args.config, args.set), args.output, steps=args.steps,
+                       log=lambda m: print(m, file=sys.stderr))
+    report = args.report or f"{args.output}.report.json"
+    with open(report, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps({"profiles_file": args.output, "report": report, "check": result["check"]}, indent=2))
+
+
+def _compare(args) -> None:
+    from .compare import compare
+
+    names = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    result = compare(load_config(args.config, args.set), names, args.output, samples=args.samples,
+                     eval_samples=args.eval_samples, target=args.target, margin=args.margin,
+                     progress=not args.no_progress)
+    print(f"wrote {args.output}/report.md and compare.json; target {result['target_val_loss']:.4f}; "
+          + ", ".join(f"{k} {v:.3f}" for k, v in result["time_to_target_ratios"].items()))
+
+
 def _bench(args) -> None:
     from . import bench
 
@@ -161,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         commands = {"train": _train, "eval": _eval, "score": _score, "serve": _serve, "client": _client,
-                    "certs": _certs, "bench": _bench}
+                    "certs": _certs, "calibrate": _calibrate, "compare": _compare, "bench": _bench}
         commands[args.command](args)
     except USER_ERRORS as e:
         print(f"splitlora: error: {e}", file=sys.stderr)

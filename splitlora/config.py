@@ -82,6 +82,18 @@ class DeploySection(_Section):
     max_pending_sessions: int = Field(2, ge=1)   # sessions per client certificate still waiting for hello
 
 
+ProfileSpec = str | dict[str, float | str]   # a profile name (cost.PROFILES, profiles_file) or its fields
+
+
+class CostSection(_Section):
+    """Device and link profiles for simulated time (see splitlora/cost.py)."""
+
+    client: ProfileSpec = "edge"
+    clients: list[ProfileSpec] | None = None      # one per client; overrides `client`
+    server: ProfileSpec = "gpu-server"
+    profiles_file: str | None = None               # more named profiles, e.g. from `splitlora calibrate`
+
+
 class Config(_Section):
     model: ModelSection = ModelSection()
     lora: LoraSection = LoraSection()
@@ -90,6 +102,7 @@ class Config(_Section):
     train: TrainSection = TrainSection()
     wire: WireSection = WireSection()
     deploy: DeploySection = DeploySection()
+    cost: CostSection = CostSection()
 
     @model_validator(mode="after")
     def _warmup_fits(self):

@@ -253,6 +253,10 @@ class BatchStream:
     capture (epoch, position) so a restored stream continues exactly.
     """
 
+    @property
+    def features(self) -> list[dict[str, list[int]]]:
+        return self._features
+
     def __init__(self, features: Sequence[dict[str, list[int]]], batch_size: int, seed: int, pad_token_id: int):
         if not features:
             raise DataError("BatchStream needs at least one feature")

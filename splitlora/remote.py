@@ -133,18 +133,25 @@ class Session:
 
 @dataclass
 class WireStats:
-    """Bytes of the messages the server sent (down) and received (up), in total and per client."""
+    """Bytes of the messages the server sent (down) and received (up), in total and per client; `log`
+    keeps (client, kind, bytes) since the last `take_log()`, as `wire.Link` does, for the cost model."""
 
     bytes_up: int = 0
     bytes_down: int = 0
     per_client: dict = field(default_factory=dict)
+    log: list = field(default_factory=list)
 
-    def add(self, cid: int, up: int = 0, down: int = 0) -> None:
+    def add(self, cid: int, up: int = 0, down: int = 0, kind: str = "") -> None:
         self.bytes_up += up
         self.bytes_down += down
         c = self.per_client.setdefault(str(cid), {"bytes_up": 0, "bytes_down": 0})
         c["bytes_up"] += up
         c["bytes_down"] += down
+        self.log.append((cid, kind, up + down))
+
+    def take_log(self) -> list[tuple[int, str, int]]:
+        log, self.log = self.log, []
+        return log
 
     def state_dict(self) -> dict:
         return {"bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "per_client": self.per_client}
@@ -152,6 +159,10 @@ class WireStats:
     def load_state_dict(self, state: dict) -> None:
         self.bytes_up, self.bytes_down = state["bytes_up"], state["bytes_down"]
         self.per_client = state.get("per_client", {})
+
+
+# what the cost model calls each message (commands, acknowledgements and checkpoint reads have no kind)
+_LOG_KIND = {"smashed": "smashed", "backward": "grad", "adapter": "adapter_up", "load_adapter_state": "adapter_down"}
 
 
 class RemoteClient:
@@ -162,6 +173,7 @@ class RemoteClient:
         self.session: Session | None = None
         self.num_samples = self.num_trainable = 0
         self.compute_s = 0.0
+        self.last_shape: tuple[int, int] = (0, 0)
         self.expect: Expectations | None = None
 
     @property
@@ -175,7 +187,7 @@ class RemoteClient:
             raise ClientDropped(f"client {self.cid}: not connected")
         data = pack(kind, tensors, meta, self.hub.precision if lossy else "fp32")
         stats = self.hub.stats if count else WireStats()   # evaluation reads are measurements, not traffic
-        stats.add(self.cid, down=len(data))
+        stats.add(self.cid, down=len(data), kind=_LOG_KIND.get(kind, "command"))
         session.outbox.put(("msg", data))
         try:
             answer = session.inbox.get(timeout=self.hub.timeout_s)
@@ -184,7 +196,7 @@ class RemoteClient:
             raise ClientDropped(f"client {self.cid}: missed the {self.hub.timeout_s} s deadline for {kind}") from None
         if answer is None:
             raise ClientDropped(f"client {self.cid}: disconnected")
-        stats.add(self.cid, up=len(answer))
+        stats.add(self.cid, up=len(answer), kind=_LOG_KIND.get(reply, "reply"))
         try:
             got, out, rmeta = unpack(answer, self.expect.max_bytes)
             if got != reply:
@@ -198,6 +210,9 @@ class RemoteClient:
             elif reply == "loss":
                 if not (_number(rmeta.get("loss")) and _count(rmeta.get("n"))):
                     raise BadMessage("loss reply needs a finite loss and a positive n")
+                shape = rmeta.get("shape")
+                if not (isinstance(shape, list) and len(shape) == 2 and all(map(_count, shape))):
+                    raise BadMessage("loss reply needs the batch shape [B, T]")
             elif reply == "state":
                 try:
                     out = join_tensors(rmeta["state"], out)
@@ -220,6 +235,7 @@ class RemoteClient:
 
     def local_step(self, global_step: int) -> tuple[float, int]:
         _, meta = self._call("local_step", meta={"step": global_step}, reply="loss")
+        self.last_shape = tuple(meta["shape"])
         return float(meta["loss"]), int(meta["n"])
 
     def adapter_state(self):
@@ -416,7 +432,7 @@ def answer(client, kind: str, tensors: dict, meta: dict, precision: str) -> byte
         client.backward(tensors["activations_grad"], int(meta["step"]))
     elif kind == "local_step":
         loss, n = client.local_step(int(meta["step"]))
-        return pack("loss", meta={"loss": loss, "n": n, "compute_s": client.compute_s})
+        return pack("loss", meta={"loss": loss, "n": n, "shape": list(client.last_shape), "compute_s": client.compute_s})
     elif kind == "adapter_state":
         return pack("adapter", client.adapter_state(), done)
     elif kind == "load_adapter_state":

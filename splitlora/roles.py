@@ -87,6 +87,7 @@ class Client:
         self.cid, self.part, self.stream = cid, part, stream
         self.learner = Learner(part, cfg)
         self.compute_s = 0.0
+        self.last_shape: tuple[int, int] = (0, 0)   # (B, T) of the last batch, for the cost model
         self._activations: torch.Tensor | None = None
 
     @property
@@ -100,6 +101,7 @@ class Client:
     def forward(self) -> tuple[dict[str, torch.Tensor], int]:
         """Run the bottom layers on the next batch; returns (smashed message, batch size)."""
         batch = self.stream.next_batch()
+        self.last_shape = tuple(batch["input_ids"].shape)
         t0 = time.perf_counter()
         self.part.train()
         self._activations = self.part(batch["input_ids"], batch["attention_mask"])
@@ -122,6 +124,7 @@ class Client:
         if not self.part.has_head:
             raise RuntimeError(f"client {self.cid}: local_step() needs the whole model")
         batch = self.stream.next_batch()
+        self.last_shape = tuple(batch["input_ids"].shape)
         t0 = time.perf_counter()
         self.part.train()
         logits = self.part(batch["input_ids"], batch["attention_mask"])

@@ -19,10 +19,11 @@ from typing import Callable
 
 import torch
 
+from .cost import StepWork
 from .data import BatchStream
 from .roles import Client, ClientDropped, FedServer, MainServer, OptimConfig, fedavg
 from .split import ModelPart, full_part, split_model
-from .wire import Link, LinkedClient
+from .wire import Link, LinkedClient, data_message
 
 
 @dataclass
@@ -68,6 +69,7 @@ class Strategy:
         self.dropped: set[int] = set()
         self.dropouts: list[dict] = []    # {"step", "client", "reason"} each time a client left a round
         self.t = -1                       # the step under way (evaluations happen after it)
+        self.work = StepWork()            # what the step under way computed and sent (cost model)
 
     def step(self, t: int) -> tuple[float, int]:
         """One global step (0-based t); returns (mean training loss, samples processed)."""
@@ -76,6 +78,20 @@ class Strategy:
     def global_adapter(self) -> dict[str, torch.Tensor]:
         """The whole-model adapter (PEFT file keys) the run would export now; counts no traffic."""
         raise NotImplementedError
+
+    def take_work(self) -> StepWork:
+        """The work since the last call (batch shapes; messages as the transport counted them)."""
+        work, self.work = self.work, StepWork()
+        work.messages = self.s.link.take_log()
+        return work
+
+    def _local_step(self, client, t: int, central: bool = False) -> tuple[float, int]:
+        loss, n = client.local_step(t)
+        if central:
+            self.work.central.append(tuple(client.last_shape))
+        else:
+            self.work.local.append((client.cid, *client.last_shape))
+        return loss, n
 
     def finish(self, t: int) -> None:
         """After the last step t: one more aggregation if clients diverged since the last one."""
@@ -168,7 +184,10 @@ class CenLoRA(Strategy):
         self.clients = setup.clients(full_part(setup.template), [pooled])
 
     def step(self, t):
-        return self.clients[0].local_step(t)
+        if t == 0:   # the clients upload their data before centralized training starts
+            for cid, feats in enumerate(self.s.client_features):
+                self.s.link.up(data_message(feats), cid, "data")
+        return self._local_step(self.clients[0], t, central=True)
 
     @property
     def compute(self):
@@ -187,7 +206,7 @@ class FedLoRA(Strategy):
         self.clients = setup.clients(full_part(setup.template))
 
     def step(self, t):
-        result = self._each(t, lambda c: c.local_step(t))
+        result = self._each(t, lambda c: self._local_step(c, t))
         if self._due(t):
             self.aggregate(t)
         return result
@@ -213,6 +232,7 @@ class SplitLoRA(FedLoRA):
     def split_step(self, client, t: int) -> tuple[float, int]:
         """Client forward -> server forward/backward -> client backward."""
         msg, n = client.forward()
+        self.work.split.append((client.cid, *msg["activations"].shape[:2]))
         reply, loss = self.server.train_step(client.cid, msg, t)
         client.backward(reply["activations_grad"], t)
         return loss, n

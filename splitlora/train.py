@@ -21,6 +21,7 @@ from tqdm import tqdm
 from . import data as D
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, resolve_path
+from .cost import CostError, CostModel, Profile, Shapes, load_profiles, resolve
 from .lora import apply_lora, export_adapter, load_into, lora_config
 from .models import load_model
 from .roles import OptimConfig, lm_loss
@@ -37,6 +38,7 @@ class Run:
     template: object          # PeftModel holding the global adapter for evaluation and export
     strategy: Strategy
     val_features: list[dict]
+    cost: CostModel
 
 
 def load_examples(cfg: Config) -> tuple[list[D.Example], list[D.Example]]:
@@ -92,6 +94,26 @@ def _setup(cfg: Config, template, tokenizer, client_features, remote=None, link=
         link=link if link is not None else Link(cfg.wire.precision), remote=remote)
 
 
+def cost_profiles(cfg: Config) -> tuple[list[Profile], Profile]:
+    """(client profiles, one per client or one for all; server profile) as configured under cost."""
+    c = cfg.cost
+    try:
+        profiles = load_profiles(resolve_path("cost.profiles_file", c.profiles_file) if c.profiles_file else None)
+        if c.clients is not None and len(c.clients) != cfg.strategy.num_clients:
+            raise CostError(f"cost.clients: {len(c.clients)} profiles for {cfg.strategy.num_clients} clients")
+        clients = ([resolve(p, profiles, f"cost.clients[{i}]") for i, p in enumerate(c.clients)]
+                   if c.clients is not None else [resolve(c.client, profiles, "cost.client")])
+        return clients, resolve(c.server, profiles, "cost.server")
+    except CostError as e:
+        raise ConfigError(str(e)) from None
+
+
+def cost_model(cfg: Config, template) -> CostModel:
+    """The run's cost model: its model's shapes and the configured client and server profiles."""
+    clients, server = cost_profiles(cfg)
+    return CostModel(Shapes.from_model(template), cfg.model.split_layer, clients, server)
+
+
 def build_run(cfg: Config, hub=None) -> Run:
     """Everything a training run needs. With a `hub` (deployed server), clients are remote: their data
     stays with them and the strategy reaches them through the hub's sessions."""
@@ -115,7 +137,7 @@ def build_run(cfg: Config, hub=None) -> Run:
         strategy = STRATEGIES[cfg.strategy.name](setup)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return Run(cfg, lm.tokenizer, template, strategy, val)
+    return Run(cfg, lm.tokenizer, template, strategy, val, cost_model(cfg, template))
 
 
 def client_role(cfg: Config, cid: int) -> Client:
@@ -159,7 +181,8 @@ def _carry_metrics(src: Path, dst: Path, upto_step: int) -> None:
 
 
 def train(cfg: Config, output: str | Path, resume: str | Path | None = None,
-          on_step: Callable[[int], None] | None = None, progress: bool = True, hub=None) -> dict:
+          on_step: Callable[[int], None] | None = None, progress: bool = True, hub=None,
+          bar_position: int = 0) -> dict:
     """Run (or continue) training; returns the summary also written to summary.json. With a `hub`,
     this is the deployed server's run: the same loop, with clients in other processes."""
     out = Path(output)
@@ -168,12 +191,13 @@ def train(cfg: Config, output: str | Path, resume: str | Path | None = None,
     strategy, tcfg = run.strategy, cfg.train
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
-    start, wall, samples, last_val = 0, 0.0, 0, None
+    start, wall, sim, samples, last_val = 0, 0.0, 0.0, 0, None
     if resume is not None:
         state = load_checkpoint(Path(resume) / "checkpoint")
         strategy.load_state_dict(state["strategy"])
         torch.set_rng_state(state["rng"])
         start, wall, samples, last_val = state["step"], state["wall_s"], state["samples_seen"], state["val_loss"]
+        sim = state.get("sim_s", 0.0)
         losses = state["pending_losses"]
         _carry_metrics(Path(resume) / "metrics.jsonl", out / "metrics.jsonl", start)
     else:
@@ -186,7 +210,7 @@ def train(cfg: Config, output: str | Path, resume: str | Path | None = None,
                "train_loss": train_loss, "val_loss": val_loss,
                "val_ppl": math.exp(val_loss) if val_loss is not None else None,
                "bytes_up": strategy.s.link.bytes_up, "bytes_down": strategy.s.link.bytes_down,
-               "samples_seen": samples, "wall_s": round(wall, 4),
+               "samples_seen": samples, "wall_s": round(wall, 4), "sim_time_s": round(sim, 9),
                "client_compute_s": round(client_s, 4), "server_compute_s": round(server_s, 4),
                "live_clients": len(strategy.live()), "dropouts": len(strategy.dropouts)}
         with (out / "metrics.jsonl").open("a") as f:
@@ -198,13 +222,14 @@ def train(cfg: Config, output: str | Path, resume: str | Path | None = None,
         record(0, None, last_val)
 
     bar = tqdm(range(start, tcfg.max_steps), initial=start, total=tcfg.max_steps, desc=strategy.name,
-               disable=not progress, dynamic_ncols=True)
+               disable=not progress, dynamic_ncols=True, position=bar_position, leave=bar_position == 0)
     for t in bar:
         t0 = time.perf_counter()
         loss, n = strategy.step(t)
         if t == tcfg.max_steps - 1:
             strategy.finish(t)
         wall += time.perf_counter() - t0
+        sim += run.cost.step_seconds(strategy.take_work())
         samples += n
         losses.append(loss)
         step = t + 1
@@ -219,7 +244,7 @@ def train(cfg: Config, output: str | Path, resume: str | Path | None = None,
         if step % tcfg.checkpoint_interval == 0 or last:
             save_checkpoint(out / "checkpoint", {
                 "step": step, "strategy": strategy.state_dict(), "rng": torch.get_rng_state(),
-                "wall_s": wall, "samples_seen": samples, "val_loss": last_val,
+                "wall_s": wall, "sim_s": sim, "samples_seen": samples, "val_loss": last_val,
                 "pending_losses": losses})
         if on_step:
             on_step(step)

@@ -11,7 +11,7 @@ scale per tensor); everything else (masks, labels, adapters) travels exactly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import load as st_load
@@ -80,23 +80,39 @@ def smashed_message(activations: torch.Tensor, attention_mask: torch.Tensor,
     return msg
 
 
+def data_message(features: list[dict]) -> dict[str, torch.Tensor]:
+    """A client's whole tokenized training set as one message (token ids, which are supervised, and
+    example lengths): what centralized training needs the clients to upload."""
+    return {"input_ids": torch.tensor([i for f in features for i in f["input_ids"]], dtype=torch.int32),
+            "supervised": torch.tensor([y != -100 for f in features for y in f["labels"]], dtype=torch.bool),
+            "lengths": torch.tensor([len(f["input_ids"]) for f in features], dtype=torch.int32)}
+
+
 @dataclass
 class Link:
-    """Counts bytes each way; `up` is client -> server, `down` is server -> client."""
+    """Counts bytes each way; `up` is client -> server, `down` is server -> client. `log` keeps
+    (client, kind, bytes) of each message since the last `take_log()`, for the cost model."""
 
     precision: str = "fp32"
     bytes_up: int = 0
     bytes_down: int = 0
+    log: list = field(default_factory=list)
 
-    def up(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def up(self, tensors: dict[str, torch.Tensor], cid: int = -1, kind: str = "up") -> dict[str, torch.Tensor]:
         data = encode(tensors, self.precision)
         self.bytes_up += len(data)
+        self.log.append((cid, kind, len(data)))
         return decode(data)
 
-    def down(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def down(self, tensors: dict[str, torch.Tensor], cid: int = -1, kind: str = "down") -> dict[str, torch.Tensor]:
         data = encode(tensors, self.precision)
         self.bytes_down += len(data)
+        self.log.append((cid, kind, len(data)))
         return decode(data)
+
+    def take_log(self) -> list[tuple[int, str, int]]:
+        log, self.log = self.log, []
+        return log
 
     def state_dict(self) -> dict:
         return {"bytes_up": self.bytes_up, "bytes_down": self.bytes_down}
@@ -116,22 +132,24 @@ class LinkedClient:
     num_trainable = property(lambda self: self.client.num_trainable)
     compute_s = property(lambda self: self.client.compute_s)
 
+    last_shape = property(lambda self: self.client.last_shape)
+
     def forward(self) -> tuple[dict[str, torch.Tensor], int]:
         msg, n = self.client.forward()
-        return self.link.up(msg), n
+        return self.link.up(msg, self.cid, "smashed"), n
 
     def backward(self, activations_grad: torch.Tensor, global_step: int) -> None:
-        self.client.backward(self.link.down({"activations_grad": activations_grad})["activations_grad"],
-                             global_step)
+        grad = self.link.down({"activations_grad": activations_grad}, self.cid, "grad")["activations_grad"]
+        self.client.backward(grad, global_step)
 
     def local_step(self, global_step: int) -> tuple[float, int]:
         return self.client.local_step(global_step)
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        return self.link.up(self.client.adapter_state())
+        return self.link.up(self.client.adapter_state(), self.cid, "adapter_up")
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.client.load_adapter_state(self.link.down(state))
+        self.client.load_adapter_state(self.link.down(state, self.cid, "adapter_down"))
 
     def peek_adapter_state(self) -> dict[str, torch.Tensor]:
         """The adapter for evaluation: a measurement, so nothing is counted."""

@@ -16,7 +16,8 @@ from conftest import assert_states_close, assert_states_equal, exported_adapter,
 
 FAMILIES = ["gpt2", "llama"]
 REQUIRED_KEYS = {"step", "round", "strategy", "train_loss", "val_loss", "val_ppl", "bytes_up", "bytes_down",
-                 "samples_seen", "wall_s", "client_compute_s", "server_compute_s", "live_clients", "dropouts"}
+                 "samples_seen", "wall_s", "sim_time_s", "client_compute_s", "server_compute_s", "live_clients",
+                 "dropouts"}
 
 
 def differ(a: dict, b: dict) -> bool:
@@ -142,14 +143,17 @@ def test_every_strategy_runs_and_writes_metrics(label, make_config, tmp_path):
         else:
             assert r["val_ppl"] is None
     # cumulative counters never decrease
-    for key in ("bytes_up", "bytes_down", "samples_seen", "wall_s", "client_compute_s", "server_compute_s"):
+    for key in ("bytes_up", "bytes_down", "samples_seen", "wall_s", "sim_time_s", "client_compute_s",
+                "server_compute_s"):
         values = [r[key] for r in records]
         assert values == sorted(values), key
     per_step = 2 if cfg.strategy.name in ("cenlora", "sl") else 2 * 2   # batch 2, one or both clients
     assert [r["samples_seen"] for r in records] == [per_step * i for i in range(5)]
     last = records[-1]
     if cfg.strategy.name == "cenlora":
-        assert all(r["bytes_up"] == r["bytes_down"] == 0 for r in records)
+        # the clients upload their data once, before the first step; nothing comes down
+        assert records[0]["bytes_up"] == 0 and all(r["bytes_up"] == last["bytes_up"] > 0 for r in records[1:])
+        assert all(r["bytes_down"] == 0 for r in records)
         # centralized training happens where the pooled data is: no client compute
         assert last["client_compute_s"] == 0 and last["server_compute_s"] > 0
     else:

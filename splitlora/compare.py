@@ -1,0 +1,144 @@
+"""`splitlora compare`: every strategy on the same data, seed and budget of samples, side by side.
+
+Each strategy trains with `train()` as it is (one run directory each); the number of steps is the
+sample budget over the samples a step takes (batch x clients for fedlora and splitlora, batch for
+cenlora and sl), and evaluations happen at the same sample counts. The comparison reads the runs'
+metrics and reports simulated time and bytes to reach a target validation loss (default: the best
+loss cenlora reaches, plus 5 %), client-side trainable parameters, estimated client peak memory and
+the final losses, as compare.json and report.md with plots.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .config import Config, ConfigError
+from .cost import part_memory_bytes
+from .strategies import STRATEGIES
+
+PARALLEL = ("fedlora", "splitlora")   # strategies whose step takes a batch from every client
+
+
+def samples_per_step(cfg: Config, name: str) -> int:
+    return cfg.train.batch_size * (cfg.strategy.num_clients if name in PARALLEL else 1)
+
+
+def strategy_config(cfg: Config, name: str, samples: int, eval_samples: int) -> Config:
+    """`cfg` for strategy `name`, with steps, evaluations and warm-up counted in samples."""
+    k, base_k = samples_per_step(cfg, name), samples_per_step(cfg, cfg.strategy.name)
+    steps = max(1, math.ceil(samples / k))
+    evals = max(1, round(eval_samples / k))
+    warmup = min(steps - 1, round(cfg.train.warmup_steps * base_k / k))
+    train = cfg.train.model_copy(update={"max_steps": steps, "eval_interval": evals, "warmup_steps": warmup,
+                                         "log_interval": min(cfg.train.log_interval, evals),
+                                         "checkpoint_interval": steps})
+    strategy = cfg.strategy.model_copy(update={"name": name, "server_mode": "shared" if name == "sl"
+                                               else cfg.strategy.server_mode})
+    return cfg.model_copy(update={"train": train, "strategy": strategy})
+
+
+def reach(rows: list[dict], target: float) -> dict | None:
+    """The first evaluated record whose validation loss is at or below `target`."""
+    return next((r for r in rows if r["val_loss"] is not None and r["val_loss"] <= target), None)
+
+
+def client_memory_mib(cfg: Config, name: str) -> float:
+    """Estimated peak training memory of one client (fp32; see cost.part_memory_bytes)."""
+    from .cost import Shapes
+    from .split import full_part, split_model
+    from .train import _model
+
+    if name == "cenlora":
+        return 0.0   # the client only uploads its data
+    _, template = _model(cfg)
+    s = Shapes.from_model(template)
+    whole = name == "fedlora"
+    part = full_part(template) if whole else split_model(template, cfg.model.split_layer)[0]
+    stop = len(s.blocks) if whole else cfg.model.split_layer
+    total = sum(p.numel() for p in part.parameters())
+    trainable = sum(p.numel() for p in part.trainable_parameters())
+    return part_memory_bytes(total, trainable, s, 0, stop, whole, cfg.train.batch_size, cfg.data.max_length) / 2**20
+
+
+def _profiles(cfg: Config) -> dict:
+    from dataclasses import asdict
+
+    from .train import cost_profiles
+
+    clients, server = cost_profiles(cfg)
+    return {"clients": [asdict(p) for p in clients], "server": asdict(server)}
+
+
+def compare(cfg: Config, strategies: list[str], output: str | Path, samples: int | None = None,
+            eval_samples: int | None = None, target: float | None = None, margin: float = 0.05,
+            progress: bool = True) -> dict:
+    from .report import write_report
+    from .train import train
+
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown or not strategies:
+        raise ConfigError(f"--strategies: unknown {unknown} (known: {', '.join(STRATEGIES)})")
+    if target is None and "cenlora" not in strategies:
+        raise ConfigError("--target: give a target validation loss, or include cenlora to derive it")
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    base_k = samples_per_step(cfg, cfg.strategy.name)
+    samples = samples or cfg.train.max_steps * base_k
+    eval_samples = eval_samples or cfg.train.eval_interval * base_k
+    configs = {name: strategy_config(cfg, name, samples, eval_samples) for name in strategies}
+    order = sorted(strategies, key=lambda n: n != "cenlora")   # cenlora first: it sets the target
+    total = sum(c.train.max_steps * samples_per_step(c, n) for n, c in configs.items())
+    overall = tqdm(total=total, desc="compare", unit="sample", position=0, disable=not progress, dynamic_ncols=True)
+    runs: dict[str, dict] = {}
+    for name in order:
+        c, k = configs[name], samples_per_step(configs[name], name)
+        summary = train(c, out / name, progress=progress, bar_position=1, on_step=lambda _s, k=k: overall.update(k))
+        rows = [json.loads(ln) for ln in (out / name / "metrics.jsonl").read_text().splitlines() if ln]
+        runs[name] = {"summary": summary, "rows": rows}
+        line = (f"{name}: {c.train.max_steps} steps, {summary['samples_seen']} samples, final val loss "
+                f"{summary['final_val_loss']:.4f}, simulated {summary['sim_time_s']:.1f} s, "
+                f"{(summary['bytes_up'] + summary['bytes_down']) / 2**20:.1f} MiB, wall {summary['wall_s']:.0f} s")
+        (tqdm.write if progress else print)(line)
+    overall.close()
+
+    rule = "given"
+    if target is None:
+        target = runs["cenlora"]["summary"]["best_val_loss"] * (1 + margin)
+        rule = f"best cenlora validation loss x {1 + margin:g}"
+    result = {"target_val_loss": target, "target_rule": rule, "samples_budget": samples,
+              "eval_every_samples": eval_samples, "model": cfg.model.name, "num_clients": cfg.strategy.num_clients,
+              "split_layer": cfg.model.split_layer, "batch_size": cfg.train.batch_size,
+              "cost": cfg.cost.model_dump(mode="json"), "profiles": _profiles(cfg), "strategies": {}}
+    for name in strategies:
+        s, rows = runs[name]["summary"], runs[name]["rows"]
+        hit = reach(rows, target)
+        evals = [{k: r[k] for k in ("step", "samples_seen", "sim_time_s", "bytes_up", "bytes_down", "val_loss",
+                                    "wall_s")} for r in rows if r["val_loss"] is not None]
+        result["strategies"][name] = {
+            "steps": configs[name].train.max_steps, "samples_per_step": samples_per_step(configs[name], name),
+            "samples": s["samples_seen"], "sim_time_s": s["sim_time_s"], "wall_s": s["wall_s"],
+            "bytes": s["bytes_up"] + s["bytes_down"], "bytes_up": s["bytes_up"], "bytes_down": s["bytes_down"],
+            "final_val_loss": s["final_val_loss"], "best_val_loss": s["best_val_loss"],
+            "final_val_ppl": math.exp(s["final_val_loss"]),
+            "client_trainable_params": s["client_trainable_params"],
+            "server_trainable_params": s["server_trainable_params"],
+            "client_peak_memory_mib_est": client_memory_mib(configs[name], name),
+            "reached_target": hit is not None,
+            "sim_time_to_target_s": hit["sim_time_s"] if hit else None,
+            "bytes_to_target": hit["bytes_up"] + hit["bytes_down"] if hit else None,
+            "samples_to_target": hit["samples_seen"] if hit else None,
+            "evaluations": evals, "run_dir": str(out / name),
+        }
+    st = result["strategies"]
+    result["time_to_target_ratios"] = {
+        f"splitlora/{other}": (st["splitlora"]["sim_time_to_target_s"] / st[other]["sim_time_to_target_s"])
+        for other in strategies
+        if "splitlora" in st and other != "splitlora" and st["splitlora"]["sim_time_to_target_s"] is not None
+        and st[other]["sim_time_to_target_s"]}
+    (out / "compare.json").write_text(json.dumps(result, indent=2))
+    write_report(result, out)
+    return result

@@ -1,0 +1,303 @@
+"""Simulated time: what a run would take on real devices and links.
+
+On one machine every role runs in turn, so wall time cannot show what split learning saves. The cost
+model replays each step's work on device and link profiles:
+- FLOPs from the model's shapes (`Shapes`, `part_flops`): every linear layer (frozen base weights and
+  LoRA factors), the attention products and the LM head, forward and backward, counting only the
+  gradients autograd computes (frozen weights get no weight gradient; no input gradient where nothing
+  below needs one). Norms, activations, softmax and the optimizer step are left out (< 2 % here).
+- bytes from the messages the transport counted in that step (`StepWork.messages`);
+- the strategy's schedule (`CostModel.step_seconds`): clients start together; each split client's
+  smashed message reaches the server, which takes batches in arrival order; the slowest client ends
+  the step; `sl` has one client per step, so its steps are sequential; `fedlora` computes the whole
+  model on each client; `cenlora` computes on the server after the clients uploaded their data;
+  adapters then go up (in parallel) and the average comes down.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+
+class CostError(ValueError):
+    """A profile or cost setting that cannot be used; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A device and its network link. `peak_tflops` is dense fp32-equivalent throughput of the part of
+    the device that trains; `efficiency` is the fraction of it a small-batch LoRA step reaches."""
+
+    peak_tflops: float
+    efficiency: float
+    memory_gb: float
+    up_mbps: float
+    down_mbps: float
+    latency_ms: float
+    source: str = ""
+
+    @property
+    def flops(self) -> float:
+        """Effective FLOP/s."""
+        return self.peak_tflops * 1e12 * self.efficiency
+
+    def compute_s(self, flops: float) -> float:
+        return flops / self.flops
+
+
+# Presets. Peak throughputs are vendor figures; efficiencies are our assumptions for small-batch training
+# (they are what `splitlora calibrate` measures for a real device); links are typical access networks.
+_MOBILE = "Ookla Speedtest Global Index, 2024 global medians: mobile ~50 Mbps down / ~10 Mbps up"
+_FIXED = "Ookla Speedtest Global Index, 2024 global medians: fixed broadband ~90 Mbps down / ~45 Mbps up"
+PROFILES: dict[str, Profile] = {
+    "phone": Profile(2.0, 0.10, 8, up_mbps=10, down_mbps=50, latency_ms=40,
+                     source="Snapdragon 8 Gen 2 (Adreno 740 GPU) ~2 TFLOPS fp32; 8 GB RAM; " + _MOBILE),
+    "edge": Profile(1.28, 0.30, 8, up_mbps=45, down_mbps=90, latency_ms=20,
+                    source="NVIDIA Jetson Orin Nano 8GB datasheet: 1024-core Ampere GPU at 625 MHz "
+                           "= 1.28 TFLOPS fp32; 8 GB; " + _FIXED),
+    "laptop": Profile(3.6, 0.30, 16, up_mbps=45, down_mbps=90, latency_ms=20,
+                      source="Apple M2 (10-core GPU) 3.6 TFLOPS fp32 (Apple, 2022); 16 GB; " + _FIXED),
+    "gpu-server": Profile(156.0, 0.30, 80, up_mbps=10_000, down_mbps=10_000, latency_ms=1,
+                          source="NVIDIA A100 80GB SXM datasheet: 156 TFLOPS TF32 tensor core; "
+                                 "80 GB; 10 Gbit/s datacentre uplink"),
+}
+
+
+def load_profiles(path: str | Path | None) -> dict[str, Profile]:
+    """The presets plus the named profiles of a YAML/JSON file ({name: {field: value}}), such as the
+    one `splitlora calibrate` writes."""
+    out = dict(PROFILES)
+    if path is None:
+        return out
+    try:
+        tree = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise CostError(f"cost.profiles_file: cannot read {path}: {e}") from None
+    if not isinstance(tree, dict):
+        raise CostError(f"cost.profiles_file: {path} must map profile names to their fields")
+    for name, spec in tree.items():
+        out[str(name)] = make_profile(spec, f"cost.profiles_file {path}: {name}")
+    return out
+
+
+def make_profile(spec, where: str) -> Profile:
+    names = {f.name for f in fields(Profile)}
+    if not isinstance(spec, dict) or not set(spec) <= names or not set(spec) >= names - {"source"}:
+        raise CostError(f"{where}: a profile needs {sorted(names - {'source'})} (and optionally source)")
+    p = Profile(**spec)
+    for k in names - {"source"}:
+        v = getattr(p, k)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0 or \
+                (v == 0 and k != "latency_ms"):
+            raise CostError(f"{where}: {k} must be a positive number, not {v!r}")
+    return p
+
+
+def resolve(spec, profiles: dict[str, Profile], where: str) -> Profile:
+    """A profile from its name or from a mapping of its fields."""
+    if isinstance(spec, str):
+        if spec not in profiles:
+            raise CostError(f"{where}: unknown profile {spec!r} (known: {', '.join(sorted(profiles))})")
+        return profiles[spec]
+    return make_profile(spec, where)
+
+
+# -- FLOPs from shapes ------------------------------------------------------------------------------
+
+# Linear layers whose input is the block's input (after its norm): in the lowest block of a part whose
+# input needs no gradient, autograd computes no input gradient for them.
+FIRST_PROJECTIONS = {"gpt2": ("attn.c_attn",), "llama": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")}
+
+
+@dataclass(frozen=True)
+class Linear:
+    name: str      # within its block, e.g. self_attn.q_proj
+    fan_in: int
+    fan_out: int
+    rank: int      # LoRA rank, 0 without LoRA
+
+
+@dataclass
+class Shapes:
+    """What the FLOP count needs to know of a model: its blocks' linear layers, attention width,
+    hidden size and vocabulary."""
+
+    family: str
+    blocks: list[list[Linear]]
+    attn_dim: int               # heads x head dim of the attention products
+    hidden: int
+    vocab: int
+    qkv_lora: tuple[bool, bool, bool] = (True, True, True)   # which of q, k, v carry LoRA (lowest block)
+
+    @classmethod
+    def from_model(cls, peft_model) -> Shapes:
+        from peft.tuners.lora import LoraLayer
+
+        from .split import family_of
+
+        hf = peft_model.get_base_model()
+        fam = family_of(hf.config)
+        blocks = []
+        for block in fam.modules(hf)["blocks"]:
+            found = []
+            for name, m in block.named_modules():
+                if isinstance(m, LoraLayer):
+                    base, rank = m.get_base_layer(), sum(m.r.values())
+                elif ".base_layer" in name or ".lora_" in name or not hasattr(m, "weight") or \
+                        type(m).__name__ not in ("Linear", "Conv1D"):
+                    continue
+                else:
+                    base, rank = m, 0
+                w = base.weight
+                fan_in, fan_out = (w.shape[0], w.shape[1]) if type(base).__name__ == "Conv1D" else (w.shape[1], w.shape[0])
+                found.append(Linear(name, int(fan_in), int(fan_out), int(rank)))
+            blocks.append(found)
+        cfg = hf.config
+        hidden = cfg.hidden_size if hasattr(cfg, "hidden_size") else cfg.n_embd
+        heads = cfg.num_attention_heads if hasattr(cfg, "num_attention_heads") else cfg.n_head
+        head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+        ranks = {lin.name: lin.rank for lin in blocks[0]}
+        if fam.name == "gpt2":
+            qkv = (ranks.get("attn.c_attn", 0) > 0,) * 3
+        else:
+            qkv = tuple(ranks.get(f"self_attn.{p}_proj", 0) > 0 for p in "qkv")
+        return cls(fam.name, blocks, heads * head_dim, hidden, cfg.vocab_size, qkv)
+
+
+@dataclass
+class Flops:
+    forward: float = 0.0
+    backward: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.forward + self.backward
+
+
+def part_flops(s: Shapes, start: int, stop: int, head: bool, batch: int, seq: int, input_grad: bool) -> Flops:
+    """FLOPs of one training pass of blocks [start, stop) (+ the LM head) on a batch x seq batch.
+
+    Per token, a linear layer costs 2·in·out forward and, if its input needs a gradient, 2·in·out
+    backward (no weight gradient: frozen); LoRA (rank r) costs 2·r·(in+out) forward and 2·r·(2·out+in)
+    backward for the gradients of B, of A·x and of A, plus 2·r·in for the input gradient. The attention
+    products cost 4·T·d per token forward (Q·Kᵀ and A·V, full T×T as the kernels compute it) and 2·T·d
+    per input gradient backward (dQ, dK, dScores, dV). The head costs 2·H·V per token each way (its
+    input gradient feeds the trainable layers below). `input_grad`: the part's input needs a gradient
+    (a server part returns it to the client); else the lowest block's first projections get none.
+    """
+    n = batch * seq
+    att = 2 * batch * seq * seq * s.attn_dim          # one T x T product
+    f = Flops()
+    for b in range(start, stop):
+        lowest = b == start and not input_grad
+        for lin in s.blocks[b]:
+            first = lowest and lin.name in FIRST_PROJECTIONS[s.family]
+            f.forward += 2 * n * lin.fan_in * lin.fan_out
+            f.backward += 0 if first else 2 * n * lin.fan_in * lin.fan_out
+            if lin.rank:
+                f.forward += 2 * n * lin.rank * (lin.fan_in + lin.fan_out)
+                f.backward += 2 * n * lin.rank * (2 * lin.fan_out + lin.fan_in) + (0 if first else 2 * n * lin.rank * lin.fan_in)
+        q, k, v = s.qkv_lora if lowest else (True, True, True)
+        f.forward += 2 * att
+        f.backward += att * (q + k + (q or k) + v)
+    if head:
+        f.forward += 2 * n * s.hidden * s.vocab
+        f.backward += 2 * n * s.hidden * s.vocab
+    return f
+
+
+# -- memory -----------------------------------------------------------------------------------------
+
+def part_memory_bytes(total_params: int, trainable: int, s: Shapes, start: int, stop: int, head: bool,
+                      batch: int, seq: int) -> int:
+    """Estimated training peak of a part in fp32: its weights, the LoRA gradients and AdamW moments,
+    and the activations kept for backward, per block 17·H + 2.5·heads·T values per token (Korthikanti
+    et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", with heads·head_dim
+    = H), plus logits and their gradient when it holds the head. An estimate, not a measurement."""
+    n = batch * seq
+    heads = max(1, s.attn_dim // 64)
+    acts = (stop - start) * n * (17 * s.hidden + 2.5 * heads * seq)
+    if head:
+        acts += 2 * n * s.vocab
+    return int(4 * (total_params + 3 * trainable + acts))
+
+
+# -- one step's work and its simulated time ---------------------------------------------------------
+
+@dataclass
+class StepWork:
+    """What one global step did: batch shapes (B, T) of each computation, bytes of each message."""
+
+    split: list[tuple[int, int, int]] = field(default_factory=list)   # (cid, B, T): client fwd, server, client bwd
+    local: list[tuple[int, int, int]] = field(default_factory=list)   # (cid, B, T): whole model on the client
+    central: list[tuple[int, int]] = field(default_factory=list)      # (B, T): whole model on the server
+    messages: list[tuple[int, str, int]] = field(default_factory=list)   # (cid, kind, bytes)
+
+    def bytes_of(self, cid: int, kind: str) -> int:
+        return sum(b for c, k, b in self.messages if c == cid and k == kind)
+
+
+UP_KINDS, DOWN_KINDS = ("smashed", "adapter_up", "data"), ("grad", "adapter_down")
+
+
+class CostModel:
+    """Simulated seconds of each step for one run: its model shapes, split layer and profiles."""
+
+    def __init__(self, shapes: Shapes, split_layer: int, clients: list[Profile], server: Profile):
+        self.s, self.k, self.clients, self.server = shapes, split_layer, clients, server
+        self.layers = len(shapes.blocks)
+        self._cache: dict = {}
+
+    def _flops(self, which: str, b: int, t: int) -> Flops:
+        key = (which, b, t)
+        if key not in self._cache:
+            if which == "client":
+                self._cache[key] = part_flops(self.s, 0, self.k, False, b, t, input_grad=False)
+            elif which == "server":
+                self._cache[key] = part_flops(self.s, self.k, self.layers, True, b, t, input_grad=True)
+            else:
+                self._cache[key] = part_flops(self.s, 0, self.layers, True, b, t, input_grad=False)
+        return self._cache[key]
+
+    def client(self, cid: int) -> Profile:
+        return self.clients[cid % len(self.clients)]
+
+    def transfer_s(self, cid: int, kind: str, nbytes: int) -> float:
+        """Seconds for one message between client `cid` and the server (latency of both ends)."""
+        if nbytes == 0:
+            return 0.0
+        c = self.client(cid)
+        mbps = min(c.up_mbps, self.server.down_mbps) if kind in UP_KINDS else min(self.server.up_mbps, c.down_mbps)
+        return (c.latency_ms + self.server.latency_ms) / 1e3 + nbytes * 8 / (mbps * 1e6)
+
+    def step_seconds(self, w: StepWork) -> float:
+        cids = sorted({c for c, _, _ in w.messages})
+        t = max((self.transfer_s(c, "data", w.bytes_of(c, "data")) for c in cids), default=0.0)
+        t += sum(self.server.compute_s(self._flops("whole", b, n).total) for b, n in w.central)
+        t += max((self.client(c).compute_s(self._flops("whole", b, n).total) for c, b, n in w.local), default=0.0)
+        if w.split:   # clients in parallel; the server takes the batches in arrival order
+            arrivals = sorted((self.client(c).compute_s(self._flops("client", b, n).forward)
+                               + self.transfer_s(c, "smashed", w.bytes_of(c, "smashed")), c, b, n)
+                              for c, b, n in w.split)
+            free, done = 0.0, []
+            for arrive, c, b, n in arrivals:
+                free = max(arrive, free) + self.server.compute_s(self._flops("server", b, n).total)
+                done.append(free + self.transfer_s(c, "grad", w.bytes_of(c, "grad"))
+                            + self.client(c).compute_s(self._flops("client", b, n).backward))
+            t += max(done)
+        t += max((self.transfer_s(c, "adapter_up", w.bytes_of(c, "adapter_up")) for c in cids), default=0.0)
+        t += max((self.transfer_s(c, "adapter_down", w.bytes_of(c, "adapter_down")) for c in cids), default=0.0)
+        return t
+
+    def describe(self) -> dict:
+        return {"clients": [asdict(p) for p in self.clients], "server": asdict(self.server),
+                "split_layer": self.k}
+
+
+def write_profiles(path: str | Path, profiles: dict[str, Profile]) -> None:
+    Path(path).write_text(json.dumps({k: asdict(v) for k, v in profiles.items()}, indent=2))
