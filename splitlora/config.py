@@ -48,7 +48,7 @@ class DataSection(_Section):
 
 
 class StrategySection(_Section):
-    name: Literal["cenlora", "fedlora", "sl", "splitlora"] = "splitlora"
+    name: Literal["cenlora", "fedlora", "sl", "splitlora", "dlora"] = "splitlora"
     num_clients: int = Field(3, ge=1)
     aggregation_interval: int = Field(100, ge=1)
     server_mode: Literal["shared", "per_client"] = "shared"
@@ -82,6 +82,14 @@ class DeploySection(_Section):
     max_pending_sessions: int = Field(2, ge=1)   # sessions per client certificate still waiting for hello
 
 
+class DloraSection(_Section):
+    """Kill & Revive of client-side adapters (strategy `dlora`; see splitlora/strategies.py)."""
+
+    warmup_steps: int = Field(20, ge=0)        # every adapter trains this long before any is killed
+    threshold: float = Field(0.05, ge=0)       # relative change per aggregation interval below which it is killed
+    revive_interval: int = Field(100, ge=1)    # every this many steps all killed adapters train again
+
+
 ProfileSpec = str | dict[str, float | str]   # a profile name (cost.PROFILES, profiles_file) or its fields
 
 
@@ -103,6 +111,7 @@ class Config(_Section):
     wire: WireSection = WireSection()
     deploy: DeploySection = DeploySection()
     cost: CostSection = CostSection()
+    dlora: DloraSection = DloraSection()
 
     @model_validator(mode="after")
     def _warmup_fits(self):

@@ -109,9 +109,13 @@ def resolve(spec, profiles: dict[str, Profile], where: str) -> Profile:
 
 # -- FLOPs from shapes ------------------------------------------------------------------------------
 
-# Linear layers whose input is the block's input (after its norm): in the lowest block of a part whose
-# input needs no gradient, autograd computes no input gradient for them.
-FIRST_PROJECTIONS = {"gpt2": ("attn.c_attn",), "llama": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")}
+# Where each linear layer sits in its block: 0 reads the block's (normed) input, then the attention
+# products, 1 the attention output projection, 2 reads the (normed) residual, 3 the MLP's output
+# projection. A layer's input needs a gradient iff something trainable is upstream of it.
+STAGES = {"gpt2": {"attn.c_attn": 0, "attn.c_proj": 1, "mlp.c_fc": 2, "mlp.c_proj": 3},
+          "llama": {"self_attn.q_proj": 0, "self_attn.k_proj": 0, "self_attn.v_proj": 0, "self_attn.o_proj": 1,
+                    "mlp.gate_proj": 2, "mlp.up_proj": 2, "mlp.down_proj": 3}}
+QKV = {"gpt2": ("attn.c_attn",) * 3, "llama": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")}
 
 
 @dataclass(frozen=True)
@@ -132,7 +136,6 @@ class Shapes:
     attn_dim: int               # heads x head dim of the attention products
     hidden: int
     vocab: int
-    qkv_lora: tuple[bool, bool, bool] = (True, True, True)   # which of q, k, v carry LoRA (lowest block)
 
     @classmethod
     def from_model(cls, peft_model) -> Shapes:
@@ -161,12 +164,7 @@ class Shapes:
         hidden = cfg.hidden_size if hasattr(cfg, "hidden_size") else cfg.n_embd
         heads = cfg.num_attention_heads if hasattr(cfg, "num_attention_heads") else cfg.n_head
         head_dim = getattr(cfg, "head_dim", None) or hidden // heads
-        ranks = {lin.name: lin.rank for lin in blocks[0]}
-        if fam.name == "gpt2":
-            qkv = (ranks.get("attn.c_attn", 0) > 0,) * 3
-        else:
-            qkv = tuple(ranks.get(f"self_attn.{p}_proj", 0) > 0 for p in "qkv")
-        return cls(fam.name, blocks, heads * head_dim, hidden, cfg.vocab_size, qkv)
+        return cls(fam.name, blocks, heads * head_dim, hidden, cfg.vocab_size)
 
 
 @dataclass
@@ -179,35 +177,50 @@ class Flops:
         return self.forward + self.backward
 
 
-def part_flops(s: Shapes, start: int, stop: int, head: bool, batch: int, seq: int, input_grad: bool) -> Flops:
+def part_flops(s: Shapes, start: int, stop: int, head: bool, batch: int, seq: int, input_grad: bool,
+               frozen: frozenset = frozenset()) -> Flops:
     """FLOPs of one training pass of blocks [start, stop) (+ the LM head) on a batch x seq batch.
 
     Per token, a linear layer costs 2·in·out forward and, if its input needs a gradient, 2·in·out
-    backward (no weight gradient: frozen); LoRA (rank r) costs 2·r·(in+out) forward and 2·r·(2·out+in)
-    backward for the gradients of B, of A·x and of A, plus 2·r·in for the input gradient. The attention
-    products cost 4·T·d per token forward (Q·Kᵀ and A·V, full T×T as the kernels compute it) and 2·T·d
-    per input gradient backward (dQ, dK, dScores, dV). The head costs 2·H·V per token each way (its
-    input gradient feeds the trainable layers below). `input_grad`: the part's input needs a gradient
-    (a server part returns it to the client); else the lowest block's first projections get none.
+    backward (no weight gradient: frozen). LoRA (rank r) costs 2·r·(in+out) forward; backward, a
+    trainable one 2·r·(2·out+in) for the gradients of B, of A·x and of A, and every one 2·r·in more
+    for the input gradient (after 2·r·out for that of A·x, if frozen). The attention products cost
+    4·T·d per token forward (Q·Kᵀ and A·V, full T×T as the kernels compute it) and 2·T·d per gradient
+    backward (dQ, dK, dScores, dV, each only if needed). The head costs 2·H·V per token each way.
+    `input_grad`: the part's input needs a gradient (a server part returns it to the client).
+    `frozen`: (block, layer name) of LoRA modules that get no gradient (DLoRA's killed adapters).
+    Nothing is computed backward below the lowest trainable module (autograd does not go there).
     """
     n = batch * seq
     att = 2 * batch * seq * seq * s.attn_dim          # one T x T product
+    stages = STAGES[s.family]
+
+    def trainable(b, lin):
+        return lin.rank > 0 and (b, lin.name) not in frozen
+
     f = Flops()
+    upstream = input_grad     # something below the current point needs a gradient
     for b in range(start, stop):
-        lowest = b == start and not input_grad
+        live = {stages.get(lin.name, 0) for lin in s.blocks[b] if trainable(b, lin)}
         for lin in s.blocks[b]:
-            first = lowest and lin.name in FIRST_PROJECTIONS[s.family]
+            grad_in = upstream or any(st < stages.get(lin.name, 0) for st in live)
             f.forward += 2 * n * lin.fan_in * lin.fan_out
-            f.backward += 0 if first else 2 * n * lin.fan_in * lin.fan_out
+            f.backward += 2 * n * lin.fan_in * lin.fan_out if grad_in else 0
             if lin.rank:
-                f.forward += 2 * n * lin.rank * (lin.fan_in + lin.fan_out)
-                f.backward += 2 * n * lin.rank * (2 * lin.fan_out + lin.fan_in) + (0 if first else 2 * n * lin.rank * lin.fan_in)
-        q, k, v = s.qkv_lora if lowest else (True, True, True)
+                r = lin.rank
+                f.forward += 2 * n * r * (lin.fan_in + lin.fan_out)
+                if trainable(b, lin):
+                    f.backward += 2 * n * r * (2 * lin.fan_out + lin.fan_in) + (2 * n * r * lin.fan_in if grad_in else 0)
+                elif grad_in:
+                    f.backward += 2 * n * r * (lin.fan_out + lin.fan_in)
+        names = {lin.name: trainable(b, lin) for lin in s.blocks[b]}
+        q, k, v = (upstream or names.get(name, False) for name in QKV[s.family])
         f.forward += 2 * att
         f.backward += att * (q + k + (q or k) + v)
+        upstream = upstream or bool(live)
     if head:
         f.forward += 2 * n * s.hidden * s.vocab
-        f.backward += 2 * n * s.hidden * s.vocab
+        f.backward += 2 * n * s.hidden * s.vocab if upstream else 0
     return f
 
 
@@ -237,6 +250,7 @@ class StepWork:
     local: list[tuple[int, int, int]] = field(default_factory=list)   # (cid, B, T): whole model on the client
     central: list[tuple[int, int]] = field(default_factory=list)      # (B, T): whole model on the server
     messages: list[tuple[int, str, int]] = field(default_factory=list)   # (cid, kind, bytes)
+    client_frozen: frozenset = frozenset()   # (block, layer name) of client-side LoRA modules with no gradient
 
     def bytes_of(self, cid: int, kind: str) -> int:
         return sum(b for c, k, b in self.messages if c == cid and k == kind)
@@ -251,15 +265,18 @@ class CostModel:
     def __init__(self, shapes: Shapes, split_layer: int, clients: list[Profile], server: Profile):
         self.s, self.k, self.clients, self.server = shapes, split_layer, clients, server
         self.layers = len(shapes.blocks)
+        self.client_lora = frozenset((b, lin.name) for b in range(split_layer) for lin in shapes.blocks[b] if lin.rank)
+        self.client_flops = 0.0   # device FLOPs simulated so far (every client's)
         self._cache: dict = {}
 
-    def _flops(self, which: str, b: int, t: int) -> Flops:
-        key = (which, b, t)
+    def _flops(self, which: str, b: int, t: int, frozen: frozenset = frozenset()) -> Flops:
+        key = (which, b, t, frozen)
         if key not in self._cache:
             if which == "client":
-                self._cache[key] = part_flops(self.s, 0, self.k, False, b, t, input_grad=False)
-            elif which == "server":
-                self._cache[key] = part_flops(self.s, self.k, self.layers, True, b, t, input_grad=True)
+                self._cache[key] = part_flops(self.s, 0, self.k, False, b, t, input_grad=False, frozen=frozen)
+            elif which == "server":   # the activation gradient only for a client with something to train
+                grad = not self.client_lora <= frozen
+                self._cache[key] = part_flops(self.s, self.k, self.layers, True, b, t, input_grad=grad)
             else:
                 self._cache[key] = part_flops(self.s, 0, self.layers, True, b, t, input_grad=False)
         return self._cache[key]
@@ -280,16 +297,19 @@ class CostModel:
         t = max((self.transfer_s(c, "data", w.bytes_of(c, "data")) for c in cids), default=0.0)
         t += sum(self.server.compute_s(self._flops("whole", b, n).total) for b, n in w.central)
         t += max((self.client(c).compute_s(self._flops("whole", b, n).total) for c, b, n in w.local), default=0.0)
+        self.client_flops += sum(self._flops("whole", b, n).total for _, b, n in w.local)
         if w.split:   # clients in parallel; the server takes the batches in arrival order
-            arrivals = sorted((self.client(c).compute_s(self._flops("client", b, n).forward)
+            fz = w.client_frozen
+            arrivals = sorted((self.client(c).compute_s(self._flops("client", b, n, fz).forward)
                                + self.transfer_s(c, "smashed", w.bytes_of(c, "smashed")), c, b, n)
                               for c, b, n in w.split)
             free, done = 0.0, []
             for arrive, c, b, n in arrivals:
-                free = max(arrive, free) + self.server.compute_s(self._flops("server", b, n).total)
+                free = max(arrive, free) + self.server.compute_s(self._flops("server", b, n, fz).total)
                 done.append(free + self.transfer_s(c, "grad", w.bytes_of(c, "grad"))
-                            + self.client(c).compute_s(self._flops("client", b, n).backward))
+                            + self.client(c).compute_s(self._flops("client", b, n, fz).backward))
             t += max(done)
+            self.client_flops += sum(self._flops("client", b, n, fz).total for _, b, n in w.split)
         t += max((self.transfer_s(c, "adapter_up", w.bytes_of(c, "adapter_up")) for c in cids), default=0.0)
         t += max((self.transfer_s(c, "adapter_down", w.bytes_of(c, "adapter_down")) for c in cids), default=0.0)
         return t

@@ -88,6 +88,7 @@ class Client:
         self.learner = Learner(part, cfg)
         self.compute_s = 0.0
         self.last_shape: tuple[int, int] = (0, 0)   # (B, T) of the last batch, for the cost model
+        self.frozen: set[str] = set()                  # adapter keys that get no gradient (DLoRA: killed)
         self._activations: torch.Tensor | None = None
 
     @property
@@ -134,11 +135,33 @@ class Client:
         self.compute_s += time.perf_counter() - t0
         return loss.item(), len(batch["input_ids"])
 
+    def set_frozen(self, keys: set[str]) -> None:
+        """Freeze these adapter tensors (no gradient, no optimizer state, not sent) and unfreeze the rest."""
+        unknown = set(keys) - set(self.part.adapter)
+        if unknown:
+            raise KeyError(f"client {self.cid}: no adapter tensors {sorted(unknown)[:3]}")
+        for k, p in self.part.adapter.items():
+            if k in keys and p.requires_grad:
+                p.requires_grad_(False)
+                p.grad = None
+                self.learner.optimizer.state.pop(p, None)
+            elif k not in keys and not p.requires_grad:
+                p.requires_grad_(True)
+        self.frozen = set(keys)
+
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        return self.part.adapter_state()
+        """The trainable (not frozen) adapter tensors: what this client sends for aggregation."""
+        return {k: v for k, v in self.part.adapter_state().items() if k not in self.frozen}
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.part.load_adapter_state(state)
+        if not self.frozen:
+            self.part.load_adapter_state(state)
+            return
+        if set(state) != set(self.part.adapter) - self.frozen:
+            raise KeyError(f"client {self.cid}: the adapter state does not match the unfrozen tensors")
+        with torch.no_grad():
+            for k, v in state.items():
+                self.part.adapter[k].copy_(v)
 
     def state_dict(self) -> dict:
         return {"learner": self.learner.state_dict(), "stream": self.stream.state_dict(),
@@ -165,13 +188,14 @@ class MainServer:
     def learner_for(self, cid: int) -> Learner:
         return self.learners[0 if self.shared else cid]
 
-    def train_step(self, cid: int, msg: dict[str, torch.Tensor], global_step: int
+    def train_step(self, cid: int, msg: dict[str, torch.Tensor], global_step: int, return_grad: bool = True
                    ) -> tuple[dict[str, torch.Tensor], float]:
-        """Smashed message in; ({"activations_grad": ...}, loss) out; the server-side adapter steps."""
+        """Smashed message in; ({"activations_grad": ...}, loss) out; the server-side adapter steps.
+        Without `return_grad` (the client has nothing to train) no activation gradient is computed."""
         t0 = time.perf_counter()
         learner = self.learner_for(cid)
         learner.part.train()
-        activations = msg["activations"].detach().requires_grad_(True)
+        activations = msg["activations"].detach().requires_grad_(return_grad)
         logits = learner.part(activations, msg["attention_mask"].long())
         loss = lm_loss(logits, msg["labels"].long(), self.cfg.label_smoothing)
         loss.backward()

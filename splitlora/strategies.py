@@ -14,6 +14,7 @@ connected again receives the new global adapter at the next aggregation and trai
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -122,7 +123,7 @@ class Strategy:
     def weights(self) -> list[int]:
         return [c.num_samples for c in self.clients]
 
-    def aggregate(self, t: int) -> None:
+    def aggregate(self, t: int) -> dict[str, torch.Tensor]:
         """FedAvg of the live clients' adapters, weighted by samples; every connected client (the
         ones that dropped out and came back too) gets the average and is live again."""
         uploads = [(c, s) for c in self.live() for ok, s in [self.guarded(t, c, lambda c: c.adapter_state())] if ok]
@@ -133,6 +134,7 @@ class Strategy:
             if getattr(c, "connected", True) and self.guarded(t, c, lambda c: c.load_adapter_state(avg))[0]:
                 self.dropped.discard(c.cid)   # a client that came back rejoins with the global adapter
         self.rounds += 1
+        return avg
 
     def _due(self, t: int) -> bool:
         return (t + 1) % self.s.aggregation_interval == 0
@@ -142,6 +144,10 @@ class Strategy:
         """(client compute seconds, summed over clients; server compute seconds incl. aggregation)."""
         server = (self.server.compute_s if self.server else 0.0) + self.s.fed.compute_s
         return sum(c.compute_s for c in self.clients), server
+
+    def extra_metrics(self) -> dict:
+        """Strategy-specific fields of each metrics record."""
+        return {}
 
     def trainable_counts(self) -> tuple[int, int]:
         server = sum(p.numel() for p in self.server.learners[0].params) if self.server else 0
@@ -245,11 +251,13 @@ class SplitLoRA(FedLoRA):
 
     def aggregate(self, t):
         live = [c.cid for c in self.live()]
-        super().aggregate(t)
+        avg = super().aggregate(t)
         if not self.server.shared:   # SFL-V1: per-client server parts are averaged at the same interval
             states = self.server.adapter_states()
-            avg = self.s.fed.aggregate([states[cid] for cid in live], [self.clients[cid].num_samples for cid in live])
-            self.server.load_adapter_state(avg)
+            server_avg = self.s.fed.aggregate([states[cid] for cid in live],
+                                              [self.clients[cid].num_samples for cid in live])
+            self.server.load_adapter_state(server_avg)
+        return avg
 
     def _server_adapter(self):
         states = self.server.adapter_states()
@@ -306,4 +314,106 @@ class SL(SplitLoRA):
         pass   # the adapter is already in one place: the current holder's
 
 
-STRATEGIES = {cls.name: cls for cls in (CenLoRA, FedLoRA, SL, SplitLoRA)}
+_MODULE_KEY = re.compile(r"\.(?:layers|h)\.(\d+)\.(.+)\.lora_[AB]\.weight$")
+
+
+class DLoRA(SplitLoRA):
+    """SplitLoRA with DLoRA's Kill & Revive on the client-side adapters (arXiv 2404.05182).
+
+    At every aggregation after `dlora.warmup_steps`, each live LoRA module of the global client
+    adapter (its A and B together) whose relative change since the previous aggregation,
+    ||θ_now − θ_prev|| / ||θ_prev||, is below `dlora.threshold` is killed on every client: no
+    gradient, no optimizer state, not sent at aggregation; if every client module is dead, clients
+    skip their backward pass and the server sends no activation gradient. Every
+    `dlora.revive_interval` steps all killed modules train again and are judged anew at the next
+    aggregations. Killed sets are the same on every client, so FedAvg stays over like tensors."""
+
+    name = "dlora"
+
+    def __init__(self, setup: Setup, warmup_steps: int = 20, threshold: float = 0.05, revive_interval: int = 100):
+        if setup.remote is not None:
+            raise ValueError("strategy.name: dlora runs in the simulator only (deployable: splitlora, sl, fedlora)")
+        super().__init__(setup)
+        self.warmup_steps, self.threshold, self.revive_interval = warmup_steps, threshold, revive_interval
+        keys = list(self.clients[0].client.part.adapter)
+        self.modules: dict[str, list[str]] = {}
+        for k in keys:
+            self.modules.setdefault(k.rsplit(".lora_", 1)[0], []).append(k)
+        self.killed: set[str] = set()
+        self.previous: dict[str, torch.Tensor] | None = None   # global client adapter at the last aggregation
+        self.events: list[dict] = []                            # {"step", "killed" | "revived": [...]}
+
+    def frozen_keys(self) -> set[str]:
+        return {k for m in self.killed for k in self.modules[m]}
+
+    def frozen_modules(self) -> frozenset:
+        """(block, layer name) of the killed modules, for the cost model."""
+        out = set()
+        for m in self.killed:
+            match = _MODULE_KEY.search(self.modules[m][0])
+            out.add((int(match.group(1)), match.group(2)))
+        return frozenset(out)
+
+    def _apply(self) -> None:
+        for c in self.clients:
+            c.client.set_frozen(self.frozen_keys())
+
+    def split_step(self, client, t):
+        if len(self.killed) < len(self.modules):
+            return super().split_step(client, t)
+        msg, n = client.forward()   # nothing to train on the client: no gradient comes back
+        self.work.split.append((client.cid, *msg["activations"].shape[:2]))
+        _, loss = self.server.train_step(client.cid, msg, t, return_grad=False)
+        return loss, n
+
+    def step(self, t):
+        result = super().step(t)
+        self.work.client_frozen = self.frozen_modules()
+        if (t + 1) % self.revive_interval == 0 and self.killed:
+            self.events.append({"step": t + 1, "revived": sorted(self.killed)})
+            self.killed = set()
+            self._apply()
+        return result
+
+    def aggregate(self, t):
+        if len(self.killed) == len(self.modules):   # nothing alive on the clients: nothing to send
+            if not self.server.shared:
+                live = [c.cid for c in self.live()]
+                states = self.server.adapter_states()
+                self.server.load_adapter_state(self.s.fed.aggregate(
+                    [states[cid] for cid in live], [self.clients[cid].num_samples for cid in live]))
+            self.rounds += 1
+            return {}
+        avg = super().aggregate(t)
+        current = {k: v.clone() for k, v in avg.items()}
+        if self.previous is not None and t + 1 > self.warmup_steps:
+            kill = []
+            for m, keys in self.modules.items():
+                if m in self.killed or any(k not in self.previous for k in keys):
+                    continue
+                now = torch.cat([current[k].flatten() for k in keys])
+                before = torch.cat([self.previous[k].flatten() for k in keys])
+                if (now - before).norm() <= self.threshold * before.norm().clamp_min(1e-12):
+                    kill.append(m)
+            if kill:
+                self.killed |= set(kill)
+                self.events.append({"step": t + 1, "killed": sorted(kill)})
+                self._apply()
+        self.previous = {**(self.previous or {}), **current}
+        return avg
+
+    def extra_metrics(self) -> dict:
+        return {"alive_client_adapters": len(self.modules) - len(self.killed),
+                "killed_client_adapters": sorted(self.killed)}
+
+    def state_dict(self):
+        return {**super().state_dict(), "killed": sorted(self.killed), "previous": self.previous,
+                "dlora_events": self.events}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.killed, self.previous, self.events = set(state["killed"]), state["previous"], state["dlora_events"]
+        self._apply()
+
+
+STRATEGIES = {cls.name: cls for cls in (CenLoRA, FedLoRA, SL, SplitLoRA, DLoRA)}

@@ -134,7 +134,8 @@ def build_run(cfg: Config, hub=None) -> Run:
                                                    hub.max_bytes))
         setup = _setup(cfg, template, lm.tokenizer, None, remote=remote, link=hub.stats)
     try:
-        strategy = STRATEGIES[cfg.strategy.name](setup)
+        options = cfg.dlora.model_dump() if cfg.strategy.name == "dlora" else {}
+        strategy = STRATEGIES[cfg.strategy.name](setup, **options)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return Run(cfg, lm.tokenizer, template, strategy, val, cost_model(cfg, template))
@@ -198,6 +199,7 @@ def train(cfg: Config, output: str | Path, resume: str | Path | None = None,
         torch.set_rng_state(state["rng"])
         start, wall, samples, last_val = state["step"], state["wall_s"], state["samples_seen"], state["val_loss"]
         sim = state.get("sim_s", 0.0)
+        run.cost.client_flops = state.get("client_flops", 0.0)
         losses = state["pending_losses"]
         _carry_metrics(Path(resume) / "metrics.jsonl", out / "metrics.jsonl", start)
     else:
@@ -212,7 +214,8 @@ def train(cfg: Config, output: str | Path, resume: str | Path | None = None,
                "bytes_up": strategy.s.link.bytes_up, "bytes_down": strategy.s.link.bytes_down,
                "samples_seen": samples, "wall_s": round(wall, 4), "sim_time_s": round(sim, 9),
                "client_compute_s": round(client_s, 4), "server_compute_s": round(server_s, 4),
-               "live_clients": len(strategy.live()), "dropouts": len(strategy.dropouts)}
+               "live_clients": len(strategy.live()), "dropouts": len(strategy.dropouts),
+               "client_flops": run.cost.client_flops, **strategy.extra_metrics()}
         with (out / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(rec) + "\n")
         return rec
@@ -244,7 +247,7 @@ def train(cfg: Config, output: str | Path, resume: str | Path | None = None,
         if step % tcfg.checkpoint_interval == 0 or last:
             save_checkpoint(out / "checkpoint", {
                 "step": step, "strategy": strategy.state_dict(), "rng": torch.get_rng_state(),
-                "wall_s": wall, "sim_s": sim, "samples_seen": samples, "val_loss": last_val,
+                "wall_s": wall, "sim_s": sim, "client_flops": run.cost.client_flops, "samples_seen": samples, "val_loss": last_val,
                 "pending_losses": losses})
         if on_step:
             on_step(step)
@@ -257,7 +260,7 @@ def train(cfg: Config, output: str | Path, resume: str | Path | None = None,
     summary = {**records[-1], "initial_val_loss": vals[0] if vals else None, "final_val_loss": last_val,
                "best_val_loss": min(vals) if vals else None, "model": cfg.model.name,
                "client_trainable_params": client_params, "server_trainable_params": server_params,
-               "dropout_events": strategy.dropouts,
+               "dropout_events": strategy.dropouts, **({"dlora_events": strategy.events} if strategy.name == "dlora" else {}),
                "adapter": str(out / "adapter")}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

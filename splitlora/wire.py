@@ -152,8 +152,8 @@ class LinkedClient:
         self.client.load_adapter_state(self.link.down(state, self.cid, "adapter_down"))
 
     def peek_adapter_state(self) -> dict[str, torch.Tensor]:
-        """The adapter for evaluation: a measurement, so nothing is counted."""
-        return self.client.adapter_state()
+        """The whole adapter (frozen tensors too) for evaluation: a measurement, so nothing is counted."""
+        return self.client.part.adapter_state()
 
     def state_dict(self) -> dict:
         return self.client.state_dict()

@@ -192,3 +192,45 @@ def test_compare_target_defaults_to_cenlora_plus_margin(make_config, tmp_path):
     assert result["target_val_loss"] == pytest.approx(best * 1.05)
     with pytest.raises(ConfigError, match="--target"):
         compare(cfg, ["splitlora"], tmp_path / "cmp2", progress=False)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_frozen_lora_modules_flops_match_torch_flop_counter(family):
+    """With some LoRA modules frozen (DLoRA's killed adapters) the count still equals torch's: no
+    weight gradients for them, and nothing backward below the lowest trainable module."""
+    peft = _peft(family, eager=True)
+    peft.train()
+    s = Shapes.from_model(peft)
+    lora = [lin.name for lin in s.blocks[0] if lin.rank]
+    cases = [frozenset((b, n) for b in range(2) for n in lora),          # everything on the client frozen
+             frozenset((0, n) for n in lora),                              # the lowest block frozen
+             frozenset({(1, lora[0])}),                                    # one module of the upper block
+             frozenset({(0, lora[0])})]                                    # q (llama) / c_attn (gpt2) of block 0
+    client, _ = split_model(peft, 2)
+    for frozen in cases:
+        for b, name in frozen:
+            for p in _lora_params(client, b, name):
+                p.requires_grad_(False)
+        fwd, bwd = _measured_client(client, 2, 12)
+        f = part_flops(s, 0, 2, False, 2, 12, input_grad=False, frozen=frozen)
+        assert (f.forward, f.backward) == (fwd, bwd), (family, sorted(frozen), f, fwd, bwd)
+        for p in client.trainable_parameters():
+            p.requires_grad_(True)
+
+
+def _lora_params(part, block: int, name: str):
+    return [p for k, p in part.adapter.items() if f".{block}.{name}.lora_" in k
+            or f".h.{block}.{name}.lora_" in k]
+
+
+def _measured_client(part, b: int, t: int) -> tuple[int, int]:
+    x = torch.randint(0, part.config.vocab_size, (b, t))
+    mask = torch.ones(b, t, dtype=torch.long)
+    with FlopCounterMode(display=False) as fc:
+        out = part(x, mask)
+    fwd = fc.get_total_flops()
+    if not out.requires_grad:
+        return fwd, 0
+    with FlopCounterMode(display=False) as fc:
+        out.square().mean().backward()
+    return fwd, fc.get_total_flops()

@@ -45,6 +45,8 @@ def run_interrupted_and_resumed(cfg, tmp_path: Path) -> tuple[Path, Path]:
 RESUME_STRATEGIES = {
     "splitlora-per_client": {"strategy.name": "splitlora", "strategy.server_mode": "per_client"},
     "sl": {"strategy.name": "sl"},
+    # every client adapter dies at step 4 (judged at the aggregations of steps 2 and 4), revives at 5, dies at 6
+    "dlora": {"strategy.name": "dlora", "dlora.warmup_steps": 0, "dlora.threshold": 1e9, "dlora.revive_interval": 5},
 }
 
 
@@ -62,8 +64,11 @@ def test_resume_equals_uninterrupted(label, make_config, tmp_path):
     assert [s for s, _ in train_losses(full)] == [1, 2, 3, 4, 5, 6]
     a, b = read_metrics(full), read_metrics(resumed)
     assert [r["step"] for r in b] == [r["step"] for r in a]
-    for key in ("round", "val_loss", "bytes_up", "bytes_down", "samples_seen"):
+    for key in ("round", "val_loss", "bytes_up", "bytes_down", "samples_seen", "client_flops", "sim_time_s"):
         assert [r[key] for r in b] == [r[key] for r in a], key
+    if label == "dlora":
+        assert [r["alive_client_adapters"] for r in b] == [r["alive_client_adapters"] for r in a]
+        assert [r["alive_client_adapters"] == 0 for r in a] == [False] * 4 + [True, False, True]
 
 
 def test_resume_train_loss_window_across_checkpoint(make_config, tmp_path):

@@ -17,7 +17,7 @@ from conftest import assert_states_close, assert_states_equal, exported_adapter,
 FAMILIES = ["gpt2", "llama"]
 REQUIRED_KEYS = {"step", "round", "strategy", "train_loss", "val_loss", "val_ppl", "bytes_up", "bytes_down",
                  "samples_seen", "wall_s", "sim_time_s", "client_compute_s", "server_compute_s", "live_clients",
-                 "dropouts"}
+                 "dropouts", "client_flops"}
 
 
 def differ(a: dict, b: dict) -> bool:
@@ -144,7 +144,7 @@ def test_every_strategy_runs_and_writes_metrics(label, make_config, tmp_path):
             assert r["val_ppl"] is None
     # cumulative counters never decrease
     for key in ("bytes_up", "bytes_down", "samples_seen", "wall_s", "sim_time_s", "client_compute_s",
-                "server_compute_s"):
+                "server_compute_s", "client_flops"):
         values = [r[key] for r in records]
         assert values == sorted(values), key
     per_step = 2 if cfg.strategy.name in ("cenlora", "sl") else 2 * 2   # batch 2, one or both clients
