@@ -20,7 +20,7 @@ from .config import Config, ConfigError
 from .cost import part_memory_bytes
 from .strategies import STRATEGIES
 
-PARALLEL = ("fedlora", "splitlora")   # strategies whose step takes a batch from every client
+PARALLEL = ("fedlora", "splitlora", "dlora")   # strategies whose step takes a batch from every client
 
 
 def samples_per_step(cfg: Config, name: str) -> int:
@@ -117,11 +117,12 @@ def compare(cfg: Config, strategies: list[str], output: str | Path, samples: int
         s, rows = runs[name]["summary"], runs[name]["rows"]
         hit = reach(rows, target)
         evals = [{k: r[k] for k in ("step", "samples_seen", "sim_time_s", "bytes_up", "bytes_down", "val_loss",
-                                    "wall_s")} for r in rows if r["val_loss"] is not None]
+                                    "wall_s", "client_flops")} for r in rows if r["val_loss"] is not None]
         result["strategies"][name] = {
             "steps": configs[name].train.max_steps, "samples_per_step": samples_per_step(configs[name], name),
             "samples": s["samples_seen"], "sim_time_s": s["sim_time_s"], "wall_s": s["wall_s"],
             "bytes": s["bytes_up"] + s["bytes_down"], "bytes_up": s["bytes_up"], "bytes_down": s["bytes_down"],
+            "client_flops": s["client_flops"],
             "final_val_loss": s["final_val_loss"], "best_val_loss": s["best_val_loss"],
             "final_val_ppl": math.exp(s["final_val_loss"]),
             "client_trainable_params": s["client_trainable_params"],

@@ -56,14 +56,15 @@ def write_report(result: dict, out: str | Path) -> Path:
         lines.append(f"| {role} | {p['peak_tflops']:g} | {p['efficiency']:g} | {p['up_mbps']:g} / {p['down_mbps']:g} "
                      f"| {p['latency_ms']:g} | {p['source']} |")
     lines += ["", "| strategy | steps | sim. time to target (s) | MiB to target | samples to target | "
-              "sim. time, whole run (s) | MiB, whole run | client trainable params | client peak memory, "
-              "est. (MiB) | final val loss | best val loss | wall (s) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "sim. time, whole run (s) | MiB, whole run | client TFLOPs, whole run | client trainable params | "
+              "client peak memory, est. (MiB) | final val loss | best val loss | wall (s) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in st.items():
         mib = None if s["bytes_to_target"] is None else s["bytes_to_target"] / 2**20
         lines.append(
             f"| {name} | {s['steps']} | {_fmt(s['sim_time_to_target_s'])} | {_fmt(mib)} | "
             f"{_fmt(s['samples_to_target'], 'd')} | {s['sim_time_s']:.1f} | {s['bytes'] / 2**20:.1f} | "
+            f"{s['client_flops'] / 1e12:.3f} | "
             f"{s['client_trainable_params']:,} | {s['client_peak_memory_mib_est']:.0f} | "
             f"{s['final_val_loss']:.4f} | {s['best_val_loss']:.4f} | {s['wall_s']:.0f} |")
     if result.get("time_to_target_ratios"):
