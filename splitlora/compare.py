@@ -18,9 +18,9 @@ from tqdm import tqdm
 
 from .config import Config, ConfigError
 from .cost import part_memory_bytes
-from .strategies import STRATEGIES
+from .hsplit import STRATEGIES
 
-PARALLEL = ("fedlora", "splitlora", "dlora")   # strategies whose step takes a batch from every client
+PARALLEL = ("fedlora", "splitlora", "dlora", "hsplitlora", "hetlora")   # strategies whose step takes a batch from every client
 
 
 def samples_per_step(cfg: Config, name: str) -> int:

@@ -48,7 +48,7 @@ class DataSection(_Section):
 
 
 class StrategySection(_Section):
-    name: Literal["cenlora", "fedlora", "sl", "splitlora", "dlora"] = "splitlora"
+    name: Literal["cenlora", "fedlora", "sl", "splitlora", "dlora", "hsplitlora", "hetlora"] = "splitlora"
     num_clients: int = Field(3, ge=1)
     aggregation_interval: int = Field(100, ge=1)
     server_mode: Literal["shared", "per_client"] = "shared"
@@ -90,6 +90,19 @@ class DloraSection(_Section):
     revive_interval: int = Field(100, ge=1)    # every this many steps all killed adapters train again
 
 
+class HsplitSection(_Section):
+    """Heterogeneous clients (strategies `hsplitlora`, `hetlora`; see splitlora/hsplit.py). Budgets are
+    the clients' device profiles (`cost.clients`)."""
+
+    client_step_s: float = Field(1.0, gt=0)        # client compute per step a device may spend (sets its split)
+    rank: int = Field(4, ge=1)                     # mean LoRA rank per module on the strongest client (<= lora.rank)
+    min_split_layer: int = Field(1, ge=1)
+    max_split_layer: int = Field(6, ge=1)
+    realloc_threshold: float = Field(0.1, ge=0)    # total-variation shift of importance that re-decides ranks
+    importance_beta: float = Field(0.85, ge=0, lt=1)
+    export_tolerance: float = Field(1e-4, gt=0)    # relative error allowed when exporting the total update
+
+
 ProfileSpec = str | dict[str, float | str]   # a profile name (cost.PROFILES, profiles_file) or its fields
 
 
@@ -112,6 +125,7 @@ class Config(_Section):
     deploy: DeploySection = DeploySection()
     cost: CostSection = CostSection()
     dlora: DloraSection = DloraSection()
+    hsplit: HsplitSection = HsplitSection()
 
     @model_validator(mode="after")
     def _warmup_fits(self):

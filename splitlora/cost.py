@@ -251,6 +251,7 @@ class StepWork:
     central: list[tuple[int, int]] = field(default_factory=list)      # (B, T): whole model on the server
     messages: list[tuple[int, str, int]] = field(default_factory=list)   # (cid, kind, bytes)
     client_frozen: frozenset = frozenset()   # (block, layer name) of client-side LoRA modules with no gradient
+    layouts: dict = field(default_factory=dict)   # cid -> (split layer, Shapes): clients with their own split/ranks
 
     def bytes_of(self, cid: int, kind: str) -> int:
         return sum(b for c, k, b in self.messages if c == cid and k == kind)
@@ -269,16 +270,18 @@ class CostModel:
         self.client_flops = 0.0   # device FLOPs simulated so far (every client's)
         self._cache: dict = {}
 
-    def _flops(self, which: str, b: int, t: int, frozen: frozenset = frozenset()) -> Flops:
-        key = (which, b, t, frozen)
+    def _flops(self, which: str, b: int, t: int, frozen: frozenset = frozenset(), layout=None) -> Flops:
+        k, s = layout or (self.k, self.s)
+        key = (which, b, t, frozen, k, id(s))
         if key not in self._cache:
             if which == "client":
-                self._cache[key] = part_flops(self.s, 0, self.k, False, b, t, input_grad=False, frozen=frozen)
+                self._cache[key] = part_flops(s, 0, k, False, b, t, input_grad=False, frozen=frozen)
             elif which == "server":   # the activation gradient only for a client with something to train
-                grad = not self.client_lora <= frozen
-                self._cache[key] = part_flops(self.s, self.k, self.layers, True, b, t, input_grad=grad)
+                grad = layout is not None or not self.client_lora <= frozen
+                self._cache[key] = part_flops(s, k, self.layers, True, b, t, input_grad=grad)
             else:
-                self._cache[key] = part_flops(self.s, 0, self.layers, True, b, t, input_grad=False)
+                self._cache[key] = part_flops(s, 0, self.layers, True, b, t, input_grad=False)
+            self._keep = getattr(self, "_keep", []) + [s]   # ids stay unique while cached
         return self._cache[key]
 
     def client(self, cid: int) -> Profile:
@@ -299,17 +302,17 @@ class CostModel:
         t += max((self.client(c).compute_s(self._flops("whole", b, n).total) for c, b, n in w.local), default=0.0)
         self.client_flops += sum(self._flops("whole", b, n).total for _, b, n in w.local)
         if w.split:   # clients in parallel; the server takes the batches in arrival order
-            fz = w.client_frozen
-            arrivals = sorted((self.client(c).compute_s(self._flops("client", b, n, fz).forward)
+            fz, lay = w.client_frozen, w.layouts
+            arrivals = sorted((self.client(c).compute_s(self._flops("client", b, n, fz, lay.get(c)).forward)
                                + self.transfer_s(c, "smashed", w.bytes_of(c, "smashed")), c, b, n)
                               for c, b, n in w.split)
             free, done = 0.0, []
             for arrive, c, b, n in arrivals:
-                free = max(arrive, free) + self.server.compute_s(self._flops("server", b, n, fz).total)
+                free = max(arrive, free) + self.server.compute_s(self._flops("server", b, n, fz, lay.get(c)).total)
                 done.append(free + self.transfer_s(c, "grad", w.bytes_of(c, "grad"))
-                            + self.client(c).compute_s(self._flops("client", b, n, fz).backward))
+                            + self.client(c).compute_s(self._flops("client", b, n, fz, lay.get(c)).backward))
             t += max(done)
-            self.client_flops += sum(self._flops("client", b, n, fz).total for _, b, n in w.split)
+            self.client_flops += sum(self._flops("client", b, n, fz, lay.get(c)).total for c, b, n in w.split)
         t += max((self.transfer_s(c, "adapter_up", w.bytes_of(c, "adapter_up")) for c in cids), default=0.0)
         t += max((self.transfer_s(c, "adapter_down", w.bytes_of(c, "adapter_down")) for c in cids), default=0.0)
         return t

@@ -180,6 +180,7 @@ class MainServer:
         self.learners = [Learner(p, cfg) for p in parts]
         self.cfg = cfg
         self.compute_s = 0.0
+        self.views: dict[int, ModelPart] = {}   # cid -> the part to run for it (clients with their own split)
 
     @property
     def shared(self) -> bool:
@@ -196,7 +197,7 @@ class MainServer:
         learner = self.learner_for(cid)
         learner.part.train()
         activations = msg["activations"].detach().requires_grad_(return_grad)
-        logits = learner.part(activations, msg["attention_mask"].long())
+        logits = self.views.get(cid, learner.part)(activations, msg["attention_mask"].long())
         loss = lm_loss(logits, msg["labels"].long(), self.cfg.label_smoothing)
         loss.backward()
         learner.step(global_step)

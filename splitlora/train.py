@@ -27,7 +27,8 @@ from .models import load_model
 from .roles import OptimConfig, lm_loss
 from .roles import Client
 from .split import full_part, split_model
-from .strategies import STRATEGIES, Setup, Strategy, make_client
+from .hsplit import STRATEGIES  # the registry, with hsplitlora and hetlora
+from .strategies import Setup, Strategy, make_client
 from .wire import Link
 
 
@@ -135,6 +136,12 @@ def build_run(cfg: Config, hub=None) -> Run:
         setup = _setup(cfg, template, lm.tokenizer, None, remote=remote, link=hub.stats)
     try:
         options = cfg.dlora.model_dump() if cfg.strategy.name == "dlora" else {}
+        if cfg.strategy.name in ("hsplitlora", "hetlora"):
+            if cfg.train.eval_interval % cfg.strategy.aggregation_interval:
+                raise ConfigError(f"train.eval_interval: {cfg.strategy.name} evaluates right after aggregations; "
+                                  "make it a multiple of strategy.aggregation_interval")
+            options = {**cfg.hsplit.model_dump(), "profiles": cost_profiles(cfg)[0],
+                       "batch_size": cfg.train.batch_size, "max_length": cfg.data.max_length}
         strategy = STRATEGIES[cfg.strategy.name](setup, **options)
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -253,14 +260,19 @@ def train(cfg: Config, output: str | Path, resume: str | Path | None = None,
             on_step(step)
     bar.close()
 
-    export_adapter(run.template, strategy.global_adapter(), out / "adapter")
+    export_info = {}
+    if hasattr(strategy, "export_to"):
+        export_info = strategy.export_to(out / "adapter")
+    else:
+        export_adapter(run.template, strategy.global_adapter(), out / "adapter")
     client_params, server_params = strategy.trainable_counts()
     records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln]
     vals = [r["val_loss"] for r in records if r["val_loss"] is not None]
     summary = {**records[-1], "initial_val_loss": vals[0] if vals else None, "final_val_loss": last_val,
                "best_val_loss": min(vals) if vals else None, "model": cfg.model.name,
                "client_trainable_params": client_params, "server_trainable_params": server_params,
-               "dropout_events": strategy.dropouts, **({"dlora_events": strategy.events} if strategy.name == "dlora" else {}),
+               "dropout_events": strategy.dropouts, **export_info,
+               **({"reallocations": strategy.reallocations} if hasattr(strategy, "reallocations") else {}), **({"dlora_events": strategy.events} if strategy.name == "dlora" else {}),
                "adapter": str(out / "adapter")}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -1,0 +1,124 @@
+"""Heterogeneous clients: splits and ranks from budgets, noise-free aggregation of copies of different
+ranks (client-side and server-side copies of the same block together), the exported adapter, resume,
+and the HetLoRA baseline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import read_metrics, run_training
+from peft import PeftModel
+from test_resume_cli import run_interrupted_and_resumed
+
+from splitlora.config import ConfigError
+from splitlora.hsplit import _modules
+from splitlora.models import tiny_model
+from splitlora import data as D
+from splitlora.roles import lm_loss
+from splitlora.train import build_run
+
+# three devices, weakest first; a client step budget that lets them hold 1, 2 and 3 of the 4 blocks
+HET = {"strategy.name": "hsplitlora", "strategy.num_clients": 3, "strategy.aggregation_interval": 2,
+       "train.eval_interval": 2, "lora.rank": 8, "cost.clients": ["phone", "edge", "laptop"],
+       "hsplit.client_step_s": 1e-3, "hsplit.max_split_layer": 3}
+
+
+def test_smaller_budget_gets_shallower_split_and_smaller_ranks(make_config):
+    s = build_run(make_config(HET)).strategy
+    assert s.splits == [1, 2, 3]
+    ranks = s.mean_ranks()
+    assert ranks[0] <= ranks[1] <= ranks[2] and ranks[0] < ranks[2]
+    assert s.client_trainable(0) < s.client_trainable(1) < s.client_trainable(2)
+    # the cost model sees each client's own split and ranks: the phone's pass costs the fewest FLOPs
+    run = build_run(make_config(HET))
+    layouts = run.strategy.layouts()
+    flops = [run.cost._flops("client", 2, 64, frozenset(), layouts[i]).total for i in range(3)]
+    assert flops[0] < flops[1] < flops[2]
+
+
+def test_noise_free_aggregation_folds_exactly_the_weighted_sum_of_products(make_config):
+    """Block 1 is client-side for two clients (own copies, ranks r_1, r_2) and server-side for the phone
+    (the server's copy): the base moves by Σ p_i s B_i A_i over the copies each client trained through."""
+    run = build_run(make_config(HET))
+    s = run.strategy
+    s.step(0)
+    weights = [c.num_samples for c in s.clients]
+    p = [w / sum(weights) for w in weights]
+    expected = {}
+    server = _modules(s.server.learners[0].part)
+    for mod in s.total:
+        delta = 0
+        for cid, c in enumerate(s.clients):
+            own = _modules(c.client.part)
+            a, b, _ = own[mod] if mod in own else server[mod]
+            delta = delta + p[cid] * s.scaling * (b.detach() @ a.detach())
+        expected[mod] = delta
+    before = {mod: w.clone() for mod, w in s.base.items()}
+    s.aggregate(1)
+    for mod in s.total:
+        got = s.base[mod] - before[mod]
+        assert torch.allclose(got, expected[mod], atol=1e-6 * (1 + expected[mod].abs().max().item())), mod
+        assert torch.allclose(s.total[mod], got, atol=1e-7)
+    # and every copy restarted: B = 0, A nonzero only on its first r rows
+    for cid, c in enumerate(s.clients):
+        for mod, (a, b, _) in _modules(c.client.part).items():
+            r = s.ranks[cid][mod]
+            assert not b.any() and a[:r].abs().sum() > 0 and not a[r:].any()
+
+
+def test_masked_components_never_train(make_config):
+    s = build_run(make_config(HET)).strategy
+    s.step(0)
+    for cid, c in enumerate(s.clients):
+        for mod, (a, b, _) in _modules(c.client.part).items():
+            r = s.ranks[cid][mod]
+            assert not a[r:].any() and not b[:, r:].any()
+            assert b[:, :r].any()   # the kept components did train
+
+
+def test_exported_adapter_is_the_trained_model(make_config, tmp_path):
+    """The total update, exported as a plain PEFT adapter of the pretrained base, gives the run's final
+    validation loss."""
+    cfg = make_config({**HET, "train.max_steps": 4})
+    summary = run_training(cfg, tmp_path / "run")
+    assert summary["export_max_relative_error"] <= cfg.hsplit.export_tolerance
+    assert summary["client_splits"] == [1, 2, 3]
+    run = build_run(cfg)   # the same validation slice
+    model = PeftModel.from_pretrained(tiny_model("llama", seed=cfg.train.seed).model, tmp_path / "run" / "adapter")
+    model.eval()
+    total = tokens = 0
+    with torch.no_grad():
+        for i in range(0, len(run.val_features), 8):
+            batch = D.collate(run.val_features[i:i + 8], run.tokenizer.pad_token_id)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total += lm_loss(logits, batch["labels"], 0.0).item() * n
+            tokens += n
+    loss = total / tokens
+    assert loss == pytest.approx(summary["final_val_loss"], rel=1e-4)
+    assert loss < summary["initial_val_loss"]
+
+
+def test_hsplitlora_resume_equals_uninterrupted(make_config, tmp_path):
+    cfg = make_config({**HET, "train.max_steps": 6, "train.checkpoint_interval": 3, "train.log_interval": 1})
+    full, resumed = run_interrupted_and_resumed(cfg, tmp_path)
+    a, b = read_metrics(full), read_metrics(resumed)
+    for key in ("train_loss", "val_loss", "bytes_up", "bytes_down", "client_mean_ranks", "client_flops"):
+        assert [r[key] for r in b] == [r[key] for r in a], key
+    adapter = json.loads((full / "summary.json").read_text())["export_rank"]
+    assert adapter == json.loads((resumed / "summary.json").read_text())["export_rank"]
+
+
+def test_hetlora_baseline_trains_and_exports(make_config, tmp_path):
+    cfg = make_config({**HET, "strategy.name": "hetlora", "train.max_steps": 4})
+    summary = run_training(cfg, tmp_path / "run")
+    assert summary["client_splits"] == [1, 2, 3]
+    assert summary["final_val_loss"] < summary["initial_val_loss"]
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_heterogeneous_strategies_evaluate_after_aggregations_only(make_config, tmp_path):
+    with pytest.raises(ConfigError, match="train.eval_interval"):
+        run_training(make_config({**HET, "train.eval_interval": 3}), tmp_path / "x")
