@@ -1,5 +1,5 @@
 """Command line: `splitlora train`, `eval`, `score`, `serve`, `client`, `certs`, `calibrate`, `compare` and
-`bench overhead|deploy`.
+`bench overhead|deploy|hetero`.
 
 Errors a user can fix (config, model, data, split point) print one line naming the field or file
 and exit with code 2, without a traceback.
@@ -88,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     co.add_argument("--margin", type=float, default=0.05, help="relative margin over cenlora's loss (default 0.05)")
     co.add_argument("--no-progress", action="store_true")
     b = sub.add_parser("bench", help="benchmarks writing JSON")
-    b.add_argument("which", choices=["overhead", "deploy"])
+    b.add_argument("which", choices=["overhead", "deploy", "hetero"])
     b.add_argument("--output", required=True, help="JSON file to write")
     b.add_argument("--model", default="smollm2-135m-instruct")
     b.add_argument("--steps", type=int,
@@ -188,6 +188,8 @@ def _bench(args) -> None:
 
     if args.which == "overhead":
         result = bench.overhead(args.model, steps=args.steps or 30, split_layer=args.split_layer)
+    elif args.which == "hetero":
+        result = bench.hetero(steps=args.steps, workdir=args.workdir, log=lambda m: print(m, file=sys.stderr))
     else:
         result = bench.deploy(args.model, steps=args.steps or 6, split_layer=args.split_layer,
                               repeats=args.repeats, quiet_wait_s=args.quiet_wait, workdir=args.workdir,
