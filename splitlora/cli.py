@@ -86,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     co.add_argument("--eval-samples", type=int, help="evaluate every N samples (default: from train.eval_interval)")
     co.add_argument("--target", type=float, help="target validation loss (default: best cenlora loss + margin)")
     co.add_argument("--margin", type=float, default=0.05, help="relative margin over cenlora's loss (default 0.05)")
+    co.add_argument("--reuse", action="store_true",
+                    help="read strategies whose run directory already holds a finished run of the same config")
     co.add_argument("--no-progress", action="store_true")
     b = sub.add_parser("bench", help="benchmarks writing JSON")
     b.add_argument("which", choices=["overhead", "deploy", "hetero"])
@@ -178,7 +180,7 @@ def _compare(args) -> None:
     names = [s.strip() for s in args.strategies.split(",") if s.strip()]
     result = compare(load_config(args.config, args.set), names, args.output, samples=args.samples,
                      eval_samples=args.eval_samples, target=args.target, margin=args.margin,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, reuse=args.reuse)
     print(f"wrote {args.output}/report.md and compare.json; target {result['target_val_loss']:.4f}; "
           + ", ".join(f"{k} {v:.3f}" for k, v in result["time_to_target_ratios"].items()))
 

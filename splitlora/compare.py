@@ -64,6 +64,16 @@ def client_memory_mib(cfg: Config, name: str) -> float:
     return part_memory_bytes(total, trainable, s, 0, stop, whole, cfg.train.batch_size, cfg.data.max_length) / 2**20
 
 
+def _same_config(run_dir: Path, cfg: Config) -> bool:
+    """Whether the run directory's config.yaml is `cfg` (defaults filled in by validation)."""
+    from .config import load_config
+
+    try:
+        return load_config(run_dir / "config.yaml").to_dict() == cfg.to_dict()
+    except (OSError, ConfigError):
+        return False
+
+
 def _profiles(cfg: Config) -> dict:
     from dataclasses import asdict
 
@@ -75,7 +85,9 @@ def _profiles(cfg: Config) -> dict:
 
 def compare(cfg: Config, strategies: list[str], output: str | Path, samples: int | None = None,
             eval_samples: int | None = None, target: float | None = None, margin: float = 0.05,
-            progress: bool = True) -> dict:
+            progress: bool = True, reuse: bool = False) -> dict:
+    """Train every strategy (with `reuse`, a strategy whose run directory already has a summary.json
+    of the same configuration is read instead of trained again), then compare."""
     from .report import write_report
     from .train import train
 
@@ -96,7 +108,13 @@ def compare(cfg: Config, strategies: list[str], output: str | Path, samples: int
     runs: dict[str, dict] = {}
     for name in order:
         c, k = configs[name], samples_per_step(configs[name], name)
-        summary = train(c, out / name, progress=progress, bar_position=1, on_step=lambda _s, k=k: overall.update(k))
+        done = out / name / "summary.json"
+        if reuse and done.exists() and _same_config(out / name, c):
+            summary = json.loads(done.read_text())
+            overall.update(c.train.max_steps * k)
+        else:
+            summary = train(c, out / name, progress=progress, bar_position=1,
+                            on_step=lambda _s, k=k: overall.update(k))
         rows = [json.loads(ln) for ln in (out / name / "metrics.jsonl").read_text().splitlines() if ln]
         runs[name] = {"summary": summary, "rows": rows}
         line = (f"{name}: {c.train.max_steps} steps, {summary['samples_seen']} samples, final val loss "
@@ -116,13 +134,13 @@ def compare(cfg: Config, strategies: list[str], output: str | Path, samples: int
     for name in strategies:
         s, rows = runs[name]["summary"], runs[name]["rows"]
         hit = reach(rows, target)
-        evals = [{k: r[k] for k in ("step", "samples_seen", "sim_time_s", "bytes_up", "bytes_down", "val_loss",
-                                    "wall_s", "client_flops")} for r in rows if r["val_loss"] is not None]
+        evals = [{k: r.get(k) for k in ("step", "samples_seen", "sim_time_s", "bytes_up", "bytes_down", "val_loss",
+                                        "wall_s", "client_flops")} for r in rows if r["val_loss"] is not None]
         result["strategies"][name] = {
             "steps": configs[name].train.max_steps, "samples_per_step": samples_per_step(configs[name], name),
             "samples": s["samples_seen"], "sim_time_s": s["sim_time_s"], "wall_s": s["wall_s"],
             "bytes": s["bytes_up"] + s["bytes_down"], "bytes_up": s["bytes_up"], "bytes_down": s["bytes_down"],
-            "client_flops": s["client_flops"],
+            "client_flops": s.get("client_flops", rows[-1].get("client_flops", 0.0)),
             "final_val_loss": s["final_val_loss"], "best_val_loss": s["best_val_loss"],
             "final_val_ppl": math.exp(s["final_val_loss"]),
             "client_trainable_params": s["client_trainable_params"],

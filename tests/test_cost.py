@@ -234,3 +234,14 @@ def _measured_client(part, b: int, t: int) -> tuple[int, int]:
     with FlopCounterMode(display=False) as fc:
         out.square().mean().backward()
     return fwd, fc.get_total_flops()
+
+
+def test_compare_reuse_reads_finished_runs(make_config, tmp_path):
+    from splitlora.compare import compare
+
+    cfg = make_config({"train.max_steps": 2, "train.eval_interval": 2})
+    first = compare(cfg, ["cenlora", "splitlora"], tmp_path / "cmp", progress=False)
+    stamp = (tmp_path / "cmp" / "splitlora" / "metrics.jsonl").stat().st_mtime_ns
+    again = compare(cfg, ["cenlora", "splitlora"], tmp_path / "cmp", progress=False, reuse=True)
+    assert (tmp_path / "cmp" / "splitlora" / "metrics.jsonl").stat().st_mtime_ns == stamp   # not trained again
+    assert again["strategies"]["splitlora"]["final_val_loss"] == first["strategies"]["splitlora"]["final_val_loss"]
