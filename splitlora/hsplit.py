@@ -197,11 +197,7 @@ class HSplitLoRA(SplitLoRA):
         client_mods = [_modules(c.client.part) for c in self.clients]
         server_mods = _modules(self.server.learners[0].part)
         for cid in live:   # uploads: each client's own modules at its rank
-            up = {}
-            for mod, (a, b, prefix) in client_mods[cid].items():
-                r = self.ranks[cid][mod]
-                up[f"{prefix}.lora_A.weight"], up[f"{prefix}.lora_B.weight"] = a[:r], b[:, :r]
-            self.s.link.up(up, cid, "adapter_up")
+            self.s.link.up(self._at_rank(cid, client_mods[cid]), cid, "adapter_up")
         deltas = {}
         for mod in self.total:
             copies = {}   # id(copy) -> (A, B, weight)
@@ -218,6 +214,14 @@ class HSplitLoRA(SplitLoRA):
                 self.dropped.discard(c.cid)
         self.rounds += 1
         return {}
+
+    def _at_rank(self, cid: int, mods) -> dict[str, torch.Tensor]:
+        """A client's adapter message: each of its modules' A and B cut to the client's rank."""
+        out = {}
+        for mod, (a, b, prefix) in mods.items():
+            r = self.ranks[cid][mod]
+            out[f"{prefix}.lora_A.weight"], out[f"{prefix}.lora_B.weight"] = a.detach()[:r], b.detach()[:, :r]
+        return out
 
     def _combine(self, mod, copies):
         """Noise-free: stack, fold ΔW into the shared base, add it to the total; the copies restart."""
@@ -343,11 +347,7 @@ class HetLoRA(HSplitLoRA):
         client_mods = [_modules(c.client.part) for c in self.clients]
         server_mods = _modules(self.server.learners[0].part)
         for cid in live:
-            up = {}
-            for mod, (a, b, prefix) in client_mods[cid].items():
-                r = self.ranks[cid][mod]
-                up[f"{prefix}.lora_A.weight"], up[f"{prefix}.lora_B.weight"] = a[:r], b[:, :r]
-            self.s.link.up(up, cid, "adapter_up")
+            self.s.link.up(self._at_rank(cid, client_mods[cid]), cid, "adapter_up")
         averages = {mod: self._padded_average(mod, live, client_mods, server_mods) for mod in self.total}
         with torch.no_grad():
             for _, part, ranks in self._copies():
@@ -357,11 +357,7 @@ class HetLoRA(HSplitLoRA):
                     b.zero_()
                     a[:r], b[:, :r] = averages[mod][0][:r], averages[mod][1][:, :r]
         for c in self.clients:
-            down = {}
-            for mod, (a, b, prefix) in client_mods[c.cid].items():
-                r = self.ranks[c.cid][mod]
-                down[f"{prefix}.lora_A.weight"], down[f"{prefix}.lora_B.weight"] = a[:r], b[:, :r]
-            self.s.link.down(down, c.cid, "adapter_down")
+            self.s.link.down(self._at_rank(c.cid, client_mods[c.cid]), c.cid, "adapter_down")
         self.rounds += 1
         return {}
 
