@@ -64,12 +64,16 @@ def write_report(result: dict, out: str | Path) -> Path:
         lines.append(
             f"| {name} | {s['steps']} | {_fmt(s['sim_time_to_target_s'])} | {_fmt(mib)} | "
             f"{_fmt(s['samples_to_target'], 'd')} | {s['sim_time_s']:.1f} | {s['bytes'] / 2**20:.1f} | "
-            f"{s['client_flops'] / 1e12:.3f} | "
+            f"{_fmt(None if s['client_flops'] is None else s['client_flops'] / 1e12, '.3f', 'n/a')} | "
             f"{s['client_trainable_params']:,} | {s['client_peak_memory_mib_est']:.0f} | "
             f"{s['final_val_loss']:.4f} | {s['best_val_loss']:.4f} | {s['wall_s']:.0f} |")
     if result.get("time_to_target_ratios"):
         lines += ["", "Simulated time to target, ratios: " + ", ".join(
             f"{k} = {v:.3f}" for k, v in result["time_to_target_ratios"].items()) + "."]
+    if result.get("time_to_target_upper_bounds"):
+        lines += ["", "Against strategies that did not reach the target within the budget, upper bounds (their whole "
+                  "run's simulated time): " + ", ".join(
+                      f"{k} < {v:.3f}" for k, v in result["time_to_target_upper_bounds"].items()) + "."]
     lines += ["", "![validation loss vs samples](val_loss_vs_samples.png)",
               "![validation loss vs simulated time](val_loss_vs_sim_time.png)",
               "![validation loss vs bytes](val_loss_vs_bytes.png)", "",
