@@ -37,8 +37,8 @@ from . import hetero
 from .checkpoint import atomic_directory
 from .cost import Profile, Shapes, part_flops, part_memory_bytes
 from .split import ModelPart, family_of, make_part
-from .roles import MainServer
-from .strategies import _MODULE_KEY, STRATEGIES, SplitLoRA, make_client
+from .roles import Client, MainServer
+from .strategies import _MODULE_KEY, STRATEGIES, SplitLoRA
 
 
 def _modules(part: ModelPart) -> dict[tuple[int, str], tuple[torch.nn.Parameter, torch.nn.Parameter, str]]:
@@ -94,13 +94,18 @@ class HSplitLoRA(SplitLoRA):
         return {(b, lin.name): (lin.fan_in, lin.fan_out) for b in range(self.layers)
                 for lin in self.shapes.blocks[b] if lin.rank}
 
-    def _split_for(self, p: Profile) -> int:
-        """The deepest split whose client training pass (at max length) fits the step time and memory."""
-        cum = [part_flops(self.shapes, 0, k, False, self.batch, self.length, False).total for k in range(self.layers)]
-        mem = [part_memory_bytes(0, 0, self.shapes, 0, k, False, self.batch, self.length) for k in range(self.layers)]
+    def _split_for(self, p: Profile, shapes: Shapes | None = None, strict: bool = True) -> int:
+        """The deepest split whose client training pass (at max length, with the client's LoRA ranks
+        where known, else lora.rank) fits the step time and the memory; if none fits, an error at the
+        start (`strict`) and the shallowest allowed split during a run."""
+        s = shapes or self.shapes
+        cum = [part_flops(s, 0, k, False, self.batch, self.length, False).total for k in range(self.layers)]
+        mem = [part_memory_bytes(0, 0, s, 0, k, False, self.batch, self.length) for k in range(self.layers)]
         lo, hi = self.split_range
         fits = [k for k in range(lo, min(hi, self.layers - 1) + 1)
                 if cum[k] <= p.flops * self.client_step_s and mem[k] <= p.memory_gb * 2**30]
+        if not fits and not strict:
+            return lo
         if not fits:
             raise ValueError(f"hsplit: a client with {p.peak_tflops:g} TFLOPS x {p.efficiency:g} cannot run even "
                              f"{lo} block(s) in hsplit.client_step_s={self.client_step_s} s")
@@ -132,12 +137,16 @@ class HSplitLoRA(SplitLoRA):
 
     def _build(self) -> None:
         """Client parts at their splits, one server part from the shallowest split, fresh LoRA at each
-        copy's rank, and the masks that keep every copy at its rank."""
+        copy's rank, and the masks that keep every copy at its rank. Data streams and compute counters
+        carry over (the parts are rebuilt when a split changes)."""
         for i, c in enumerate(self.clients):
             part = make_part(self.s.template, 0, self.splits[i]).replicate()
-            c.client = make_client(i, part, c.client.stream.features, self.s)
+            old, c.client = c.client, Client(i, part, c.client.stream, self.s.optim)
+            c.client.compute_s = old.compute_s
         server = make_part(self.s.template, min(self.splits), self.layers).replicate()
+        compute_s = self.server.compute_s
         self.server = MainServer([server], self.s.optim)
+        self.server.compute_s = compute_s
         self.server.views = {i: _view(server, k) for i, k in enumerate(self.splits)}
         self._reset()
 
@@ -248,7 +257,13 @@ class HSplitLoRA(SplitLoRA):
         if not self.reference or self.tracker.shifted(self.reference, self.realloc_threshold):
             self.reference = dict(scores)
             self.ranks = [self._ranks_for(i, scores) for i in range(len(self.clients))]
-            self.reallocations.append({"step": self.t + 1, "mean_ranks": self.mean_ranks()})
+            splits = [self._split_for(p, self.layouts()[i][1], strict=False) for i, p in enumerate(self.profiles)]
+            event = {"step": self.t + 1}
+            if splits != self.splits:   # every update was just folded into the base: nothing is lost
+                self.splits = event["splits"] = splits
+                self.ranks = [self._ranks_for(i, scores) for i in range(len(self.clients))]
+                self._build()
+            self.reallocations.append({**event, "mean_ranks": self.mean_ranks()})
         self._reset()
 
     # -- reporting and export -------------------------------------------------------------------------
@@ -304,12 +319,17 @@ class HSplitLoRA(SplitLoRA):
         return self.export_info
 
     def state_dict(self):
-        return {**super().state_dict(), "total": {f"{b}.{n}": d for (b, n), d in self.total.items()},
+        return {**super().state_dict(), "splits": list(self.splits), "total": {f"{b}.{n}": d for (b, n), d in self.total.items()},
                 "ranks": [{f"{b}.{n}": r for (b, n), r in ranks.items()} for ranks in self.ranks],
                 "tracker": self.tracker.state_dict(), "reference": self.reference,
                 "reallocations": self.reallocations, "init_gen": self._init_gen.get_state()}
 
     def load_state_dict(self, state):
+        if state["splits"] != self.splits:   # parts as they were at the checkpoint, then their state
+            self.splits = state["splits"]
+            self.ranks = [{(int(k.split(".", 1)[0]), k.split(".", 1)[1]): r for k, r in ranks.items()}
+                          for ranks in state["ranks"]]
+            self._build()
         super().load_state_dict(state)
         with torch.no_grad():
             for key, d in state["total"].items():

@@ -122,3 +122,28 @@ def test_hetlora_baseline_trains_and_exports(make_config, tmp_path):
 def test_heterogeneous_strategies_evaluate_after_aggregations_only(make_config, tmp_path):
     with pytest.raises(ConfigError, match="train.eval_interval"):
         run_training(make_config({**HET, "train.eval_interval": 3}), tmp_path / "x")
+
+
+def test_split_re_decided_at_a_reallocation_loses_nothing(make_config):
+    """When importance has shifted (threshold -1: always) and the budget no longer fits, the next
+    reallocation moves the splits shallower; every update was folded into the base just before, so the
+    model right after the re-split is the one a run without the change has, and training goes on."""
+    from splitlora.train import validation_loss
+
+    runs = [build_run(make_config(HET)) for _ in range(2)]
+    for run in runs:
+        run.strategy.realloc_threshold = -1.0
+    for t in range(2):
+        for run in runs:
+            run.strategy.step(t)
+    runs[1].strategy.client_step_s /= 2      # the devices got busier
+    for t in range(2, 4):
+        for run in runs:
+            run.strategy.step(t)
+    kept, moved = runs[0].strategy, runs[1].strategy
+    assert kept.splits == [1, 2, 3]
+    assert sum(moved.splits) < sum(kept.splits) and moved.reallocations[-1]["splits"] == moved.splits
+    assert validation_loss(runs[1]) == validation_loss(runs[0])
+    for t in range(4, 6):
+        moved.step(t)
+    assert validation_loss(runs[1]) < validation_loss(runs[0]) + 1.0   # trains on with the new parts
