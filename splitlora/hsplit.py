@@ -62,7 +62,6 @@ def _view(part: ModelPart, start: int) -> ModelPart:
 
 class HSplitLoRA(SplitLoRA):
     name = "hsplitlora"
-    noise_free = True
 
     def __init__(self, setup, profiles: list[Profile], batch_size: int, max_length: int, rank: int = 4,
                  client_step_s: float = 1.0, min_split_layer: int = 1,
