@@ -25,6 +25,7 @@ class _Section(BaseModel):
 class ModelSection(_Section):
     name: str = "smollm2-135m-instruct"
     split_layer: int = Field(3, ge=1)
+    top_layers: int = Field(0, ge=0)   # m > 0: U-shaped split; the client also holds the last m blocks + head
 
 
 class LoraSection(_Section):

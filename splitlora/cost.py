@@ -257,14 +257,14 @@ class StepWork:
         return sum(b for c, k, b in self.messages if c == cid and k == kind)
 
 
-UP_KINDS, DOWN_KINDS = ("smashed", "adapter_up", "data"), ("grad", "adapter_down")
+UP_KINDS, DOWN_KINDS = ("smashed", "adapter_up", "data", "top_grad"), ("grad", "adapter_down", "server_activations")
 
 
 class CostModel:
     """Simulated seconds of each step for one run: its model shapes, split layer and profiles."""
 
-    def __init__(self, shapes: Shapes, split_layer: int, clients: list[Profile], server: Profile):
-        self.s, self.k, self.clients, self.server = shapes, split_layer, clients, server
+    def __init__(self, shapes: Shapes, split_layer: int, clients: list[Profile], server: Profile, top_layers: int = 0):
+        self.s, self.k, self.clients, self.server, self.m = shapes, split_layer, clients, server, top_layers
         self.layers = len(shapes.blocks)
         self.client_lora = frozenset((b, lin.name) for b in range(split_layer) for lin in shapes.blocks[b] if lin.rank)
         self.client_flops = 0.0   # device FLOPs simulated so far (every client's)
@@ -273,8 +273,13 @@ class CostModel:
     def _flops(self, which: str, b: int, t: int, frozen: frozenset = frozenset(), layout=None) -> Flops:
         k, s = layout or (self.k, self.s)
         key = (which, b, t, frozen, k, id(s))
+        top = self.layers - self.m
         if key not in self._cache:
-            if which == "client":
+            if which == "middle":
+                self._cache[key] = part_flops(s, k, top, False, b, t, input_grad=True)
+            elif which == "top":
+                self._cache[key] = part_flops(s, top, self.layers, True, b, t, input_grad=True)
+            elif which == "client":
                 self._cache[key] = part_flops(s, 0, k, False, b, t, input_grad=False, frozen=frozen)
             elif which == "server":   # the activation gradient only for a client with something to train
                 grad = layout is not None or not self.client_lora <= frozen
@@ -301,7 +306,23 @@ class CostModel:
         t += sum(self.server.compute_s(self._flops("whole", b, n).total) for b, n in w.central)
         t += max((self.client(c).compute_s(self._flops("whole", b, n).total) for c, b, n in w.local), default=0.0)
         self.client_flops += sum(self._flops("whole", b, n).total for _, b, n in w.local)
-        if w.split:   # clients in parallel; the server takes the batches in arrival order
+        if w.split and self.m:   # U-shape: the server holds a client's batch from its middle forward to backward
+            arrivals = sorted((self.client(c).compute_s(self._flops("client", b, n).forward)
+                               + self.transfer_s(c, "smashed", w.bytes_of(c, "smashed")), c, b, n)
+                              for c, b, n in w.split)
+            free, done = 0.0, []
+            for arrive, c, b, n in arrivals:
+                mid, top, cp = self._flops("middle", b, n), self._flops("top", b, n), self.client(c)
+                free = (max(arrive, free) + self.server.compute_s(mid.forward)
+                        + self.transfer_s(c, "server_activations", w.bytes_of(c, "server_activations"))
+                        + cp.compute_s(top.total) + self.transfer_s(c, "top_grad", w.bytes_of(c, "top_grad"))
+                        + self.server.compute_s(mid.backward))
+                done.append(free + self.transfer_s(c, "grad", w.bytes_of(c, "grad"))
+                            + cp.compute_s(self._flops("client", b, n).backward))
+            t += max(done)
+            self.client_flops += sum(self._flops("client", b, n).total + self._flops("top", b, n).total
+                                     for _, b, n in w.split)
+        elif w.split:   # clients in parallel; the server takes the batches in arrival order
             fz, lay = w.client_frozen, w.layouts
             arrivals = sorted((self.client(c).compute_s(self._flops("client", b, n, fz, lay.get(c)).forward)
                                + self.transfer_s(c, "smashed", w.bytes_of(c, "smashed")), c, b, n)

@@ -107,8 +107,24 @@ class Client:
         self.part.train()
         self._activations = self.part(batch["input_ids"], batch["attention_mask"])
         self.compute_s += time.perf_counter() - t0
-        msg = smashed_message(self._activations, batch["attention_mask"], batch["labels"])
+        # a U-shaped client computes the loss itself: its labels stay here
+        self._pending = (batch["attention_mask"], batch["labels"])
+        labels = None if getattr(self.part, "top", None) is not None else batch["labels"]
+        msg = smashed_message(self._activations, batch["attention_mask"], labels)
         return msg, len(batch["input_ids"])
+
+    def top_step(self, activations: torch.Tensor) -> tuple[dict[str, torch.Tensor], float]:
+        """U-shape: the server's output through the client's top blocks and head, the loss on the
+        client's own labels, and the gradient of the server's output ({"activations_grad"}, loss)."""
+        if self._activations is None:
+            raise RuntimeError(f"client {self.cid}: top_step() without a pending forward()")
+        t0 = time.perf_counter()
+        mask, labels = self._pending
+        x = activations.detach().requires_grad_(True)
+        loss = lm_loss(self.part.top(x, mask), labels, self.learner.cfg.label_smoothing)
+        loss.backward()
+        self.compute_s += time.perf_counter() - t0
+        return {"activations_grad": x.grad}, loss.item()
 
     def backward(self, activations_grad: torch.Tensor, global_step: int) -> None:
         """Finish backpropagation with the server's gradient and update the client-side adapter."""
@@ -181,6 +197,7 @@ class MainServer:
         self.cfg = cfg
         self.compute_s = 0.0
         self.views: dict[int, ModelPart] = {}   # cid -> the part to run for it (clients with their own split)
+        self._middle: dict[int, tuple] = {}      # U-shape: cid -> (input, output) awaiting the gradient
 
     @property
     def shared(self) -> bool:
@@ -203,6 +220,29 @@ class MainServer:
         learner.step(global_step)
         self.compute_s += time.perf_counter() - t0
         return {"activations_grad": activations.grad}, loss.item()
+
+    def middle_forward(self, cid: int, msg: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """U-shape: the client's smashed activations through the server's blocks; their output goes back."""
+        t0 = time.perf_counter()
+        learner = self.learner_for(cid)
+        learner.part.train()
+        x = msg["activations"].detach().requires_grad_(True)
+        out = learner.part(x, msg["attention_mask"].long())
+        self._middle[cid] = (x, out)
+        self.compute_s += time.perf_counter() - t0
+        return {"activations": out.detach()}
+
+    def middle_backward(self, cid: int, grad: torch.Tensor, global_step: int) -> dict[str, torch.Tensor]:
+        """U-shape: the gradient of the server's output in; the server adapter steps; the gradient of
+        the client's smashed activations out."""
+        if cid not in self._middle:
+            raise RuntimeError(f"server: middle_backward() for client {cid} without a middle_forward()")
+        t0 = time.perf_counter()
+        x, out = self._middle.pop(cid)
+        out.backward(grad)
+        self.learner_for(cid).step(global_step)
+        self.compute_s += time.perf_counter() - t0
+        return {"activations_grad": x.grad}
 
     def adapter_states(self) -> list[dict[str, torch.Tensor]]:
         return [lr.part.adapter_state() for lr in self.learners]

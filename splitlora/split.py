@@ -206,3 +206,48 @@ def split_model(peft_model, split_layer: int) -> tuple[ModelPart, ModelPart]:
 
 def full_part(peft_model) -> ModelPart:
     return make_part(peft_model, 0, num_layers(peft_model.get_base_model().config))
+
+
+class UPart(nn.Module):
+    """A U-shaped client's two parts: the bottom (embeddings + blocks [0, k)) and the top (blocks
+    [L − m, L) + final norm + LM head), trained by one optimizer and stitched into one adapter slice.
+    Calling it runs the bottom; `top` maps the server's activations to logits."""
+
+    def __init__(self, bottom: ModelPart, top: ModelPart):
+        super().__init__()
+        self.bottom, self.top = bottom, top
+        self.config, self.has_head, self.has_embeddings = bottom.config, True, True
+
+    @property
+    def adapter(self) -> dict:
+        return {**self.bottom.adapter, **self.top.adapter}
+
+    def forward(self, x, attention_mask, position_ids=None, cache=None, logits_to_keep: int = 0):
+        return self.bottom(x, attention_mask, position_ids, cache)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return self.bottom.trainable_parameters() + self.top.trainable_parameters()
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        return {**self.bottom.adapter_state(), **self.top.adapter_state()}
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        if set(state) != set(self.adapter):
+            raise KeyError("adapter state does not fit this U-shaped client")
+        self.bottom.load_adapter_state({k: state[k] for k in self.bottom.adapter})
+        self.top.load_adapter_state({k: state[k] for k in self.top.adapter})
+
+    def replicate(self) -> UPart:
+        return UPart(self.bottom.replicate(), self.top.replicate())
+
+
+def split_u(peft_model, split_layer: int, top_layers: int) -> tuple[UPart, ModelPart]:
+    """(client, server) of a U-shaped split: the client holds blocks [0, k) and [L − m, L) with the
+    embeddings, final norm and LM head (tied to the embeddings), so no token or label leaves it; the
+    server holds blocks [k, L − m)."""
+    total = num_layers(peft_model.get_base_model().config)
+    if not (1 <= split_layer and top_layers >= 1 and split_layer + top_layers < total):
+        raise SplitError(f"model.split_layer / model.top_layers: {split_layer} + {top_layers} must leave the "
+                         f"server at least one of the {total} blocks (k >= 1, m >= 1, k + m < {total})")
+    client = UPart(make_part(peft_model, 0, split_layer), make_part(peft_model, total - top_layers, total))
+    return client, make_part(peft_model, split_layer, total - top_layers)

@@ -23,7 +23,7 @@ import torch
 from .cost import StepWork
 from .data import BatchStream
 from .roles import Client, ClientDropped, FedServer, MainServer, OptimConfig, fedavg
-from .split import ModelPart, full_part, split_model
+from .split import ModelPart, full_part, split_model, split_u
 from .wire import Link, LinkedClient, data_message
 
 
@@ -44,6 +44,7 @@ class Setup:
     link: Link = field(default_factory=Link)
     fed: FedServer = field(default_factory=FedServer)
     remote: Callable | None = None         # (cid, client part) -> RemoteClient, for a deployed server
+    top_layers: int = 0                    # m > 0: U-shaped split, the client also holds the last m blocks + head
 
     def clients(self, part: ModelPart, features: list[list[dict]] | None = None) -> list:
         if self.remote is not None:
@@ -230,16 +231,24 @@ class SplitLoRA(FedLoRA):
 
     def __init__(self, setup: Setup):
         Strategy.__init__(self, setup)
-        client_part, server_part = split_model(setup.template, setup.split_layer)
+        if setup.top_layers and self.name not in ("splitlora", "sl"):
+            raise ValueError(f"model.top_layers: the U-shaped split works with splitlora and sl, not {self.name}")
+        client_part, server_part = (split_u(setup.template, setup.split_layer, setup.top_layers) if setup.top_layers
+                                    else split_model(setup.template, setup.split_layer))
         self.clients = setup.clients(client_part)
         copies = 1 if setup.server_mode == "shared" else len(self.clients)
         self.server = MainServer([server_part.replicate() for _ in range(copies)], setup.optim)
 
     def split_step(self, client, t: int) -> tuple[float, int]:
-        """Client forward -> server forward/backward -> client backward."""
+        """Client forward -> server forward/backward -> client backward. U-shaped: client bottom ->
+        server middle -> client top, loss and backward -> server middle backward -> client bottom."""
         msg, n = client.forward()
         self.work.split.append((client.cid, *msg["activations"].shape[:2]))
-        reply, loss = self.server.train_step(client.cid, msg, t)
+        if self.s.top_layers:
+            top_grad, loss = client.top_step(self.server.middle_forward(client.cid, msg))
+            reply = self.server.middle_backward(client.cid, top_grad["activations_grad"], t)
+        else:
+            reply, loss = self.server.train_step(client.cid, msg, t)
         client.backward(reply["activations_grad"], t)
         return loss, n
 

@@ -92,6 +92,7 @@ def _setup(cfg: Config, template, tokenizer, client_features, remote=None, link=
         batch_size=t.batch_size, seed=t.seed, pad_token_id=tokenizer.pad_token_id,
         split_layer=cfg.model.split_layer, num_clients=cfg.strategy.num_clients,
         aggregation_interval=cfg.strategy.aggregation_interval, server_mode=cfg.strategy.server_mode,
+        top_layers=cfg.model.top_layers,
         link=link if link is not None else Link(cfg.wire.precision), remote=remote)
 
 
@@ -112,7 +113,7 @@ def cost_profiles(cfg: Config) -> tuple[list[Profile], Profile]:
 def cost_model(cfg: Config, template) -> CostModel:
     """The run's cost model: its model's shapes and the configured client and server profiles."""
     clients, server = cost_profiles(cfg)
-    return CostModel(Shapes.from_model(template), cfg.model.split_layer, clients, server)
+    return CostModel(Shapes.from_model(template), cfg.model.split_layer, clients, server, cfg.model.top_layers)
 
 
 def build_run(cfg: Config, hub=None) -> Run:

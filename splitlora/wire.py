@@ -145,6 +145,12 @@ class LinkedClient:
     def local_step(self, global_step: int) -> tuple[float, int]:
         return self.client.local_step(global_step)
 
+    def top_step(self, server_out: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
+        """U-shape: the server's output down, the gradient of it up."""
+        down = self.link.down(server_out, self.cid, "server_activations")
+        reply, loss = self.client.top_step(down["activations"])
+        return self.link.up(reply, self.cid, "top_grad"), loss
+
     def adapter_state(self) -> dict[str, torch.Tensor]:
         return self.link.up(self.client.adapter_state(), self.cid, "adapter_up")
 

@@ -1,0 +1,123 @@
+"""The U-shaped split: exact (losses and every LoRA gradient equal the unsplit model's), trains with
+splitlora and sl, exports one PEFT adapter, and no message the client sends carries a token id or a
+label (which the normal split's messages do, so the check can fail)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import exported_adapter, read_metrics, run_training
+from peft import get_peft_model_state_dict
+from test_split import lora_model, peft_key, right_padded_batch
+
+from splitlora.config import ConfigError
+from splitlora.roles import Client, MainServer, OptimConfig, lm_loss
+from splitlora.split import split_u
+from splitlora.train import build_run
+from splitlora.wire import Link, LinkedClient
+
+
+class _Stream:
+    """One fixed batch, as a client's data stream."""
+
+    def __init__(self, batch):
+        self.batch, self.num_samples = batch, len(batch["input_ids"])
+
+    def next_batch(self):
+        return self.batch
+
+
+@pytest.mark.parametrize("k,m", [(1, 1), (1, 2), (2, 1)])
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_ushape_equals_unsplit(family, k, m):
+    peft = lora_model(family)
+    peft.train()   # GPT-2's own dropout: the same seed gives the same masks, the parts run the same ops in order
+    ids, mask, labels = right_padded_batch()
+    torch.manual_seed(123)
+    ref_loss = lm_loss(peft(input_ids=ids, attention_mask=mask).logits, labels, 0.1)
+    ref_loss.backward()
+    ref = {peft_key(n): p.grad for n, p in peft.named_parameters() if p.requires_grad}
+
+    client_part, server_part = split_u(peft, k, m)
+    client_part, server_part = client_part.replicate(), server_part.replicate()
+    assert set(client_part.adapter) | set(server_part.adapter) == set(get_peft_model_state_dict(peft))
+    optim = OptimConfig(lr=0.0, weight_decay=0.0, warmup_steps=0, total_steps=10, max_grad_norm=0.0,
+                        label_smoothing=0.1)
+    client = Client(0, client_part, _Stream({"input_ids": ids, "attention_mask": mask, "labels": labels}), optim)
+    server = MainServer([server_part], optim)
+    grads = {}
+    for p in client_part.trainable_parameters() + server_part.trainable_parameters():
+        p.register_hook(lambda g, p=p: grads.__setitem__(id(p), g.clone()))
+    torch.manual_seed(123)
+    msg, _ = client.forward()
+    assert "labels" not in msg
+    top_grad, loss = client.top_step(server.middle_forward(0, msg)["activations"])
+    client.backward(server.middle_backward(0, top_grad["activations_grad"], 0)["activations_grad"], 0)
+    assert loss == pytest.approx(ref_loss.item(), rel=1e-5)
+    for part in (client_part.bottom, client_part.top, server_part):
+        for key, p in part.adapter.items():
+            assert torch.allclose(grads[id(p)], ref[key], atol=1e-6, rtol=1e-4), key
+
+
+class RecordingLink(Link):
+    """A link that keeps every message the client sends (up) as the server would receive it."""
+
+    def __init__(self, precision="fp32"):
+        super().__init__(precision)
+        self.sent: list[dict[str, torch.Tensor]] = []
+
+    def up(self, tensors, cid=-1, kind="up"):
+        out = super().up(tensors, cid, kind)
+        self.sent.append(out)
+        return out
+
+
+def _readable(sent, token_ids: set[int]) -> list[str]:
+    """Tensors the server could read as text: any integer tensor, or one whose values are token ids."""
+    found = []
+    for msg in sent:
+        for name, t in msg.items():
+            if not t.is_floating_point() and t.dtype != torch.bool:
+                found.append(name)
+            elif t.is_floating_point() and t.numel() and bool(((t == t.round()) & (t >= 0)).all()) \
+                    and set(t.unique().long().tolist()) <= token_ids:
+                found.append(name)
+    return found
+
+
+@pytest.mark.parametrize("top_layers", [0, 1])
+def test_no_token_or_label_leaves_a_ushaped_client(top_layers, make_config):
+    run = build_run(make_config({"model.top_layers": top_layers, "model.split_layer": 1, "train.max_steps": 2}))
+    s = run.strategy
+    link = RecordingLink()
+    for c in s.clients:
+        c.link = link
+    s.s.link = link
+    for t in range(2):   # two split steps and an aggregation (adapters go up too)
+        s.step(t)
+    vocab = set(range(run.template.get_base_model().config.vocab_size))
+    readable = _readable(link.sent, vocab)
+    if top_layers:
+        assert readable == [] and len(link.sent) > 4
+        assert all(set(m) <= {"activations", "attention_mask", "activations_grad"} or
+                   all(".lora_" in k for k in m) for m in link.sent)
+    else:
+        assert "labels" in readable   # the normal split sends the target tokens: the check can fail
+
+
+def test_ushape_trains_and_exports_one_adapter(make_config, tmp_path):
+    for name in ("splitlora", "sl"):
+        cfg = make_config({"model.top_layers": 1, "model.split_layer": 1, "strategy.name": name, "train.max_steps": 4})
+        summary = run_training(cfg, tmp_path / name)
+        rows = read_metrics(tmp_path / name)
+        assert rows[-1]["val_loss"] < rows[0]["val_loss"]
+        adapter = exported_adapter(tmp_path / name)
+        assert len(adapter) == len(get_peft_model_state_dict(build_run(cfg).template))
+        assert summary["bytes_down"] > 0
+
+
+def test_ushape_errors_name_the_fields(make_config, tmp_path):
+    with pytest.raises(ConfigError, match="model.split_layer / model.top_layers"):
+        build_run(make_config({"model.top_layers": 3, "model.split_layer": 1}))
+    with pytest.raises(ConfigError, match="model.top_layers: the U-shaped split works with splitlora and sl"):
+        build_run(make_config({"model.top_layers": 1, "model.split_layer": 1, "strategy.name": "dlora"}))
