@@ -14,8 +14,8 @@ an aggregation every client counts with the copy it trained through (its own, or
 
 `hsplitlora`: noise-free aggregation. Per module, the copies are stacked (`hetero.stack`) into
 ΔW = Σ_i p_i s B_i A_i exactly; ΔW is folded into the frozen base weight, which every copy shares,
-every copy restarts from a fresh LoRA init (A random, B = 0) at its client's rank, and the fed server
-adds ΔW to the run's total update. Nothing is truncated, so nothing is lost; clients download the
+every copy's B restarts at zero (A keeps what it learned, so ΔW restarts at zero too), and the fed
+server adds ΔW to the run's total update. Nothing is truncated, so nothing is lost; clients download the
 stacked factors of their modules. The importance of each module, Σ|W ⊙ ΔW| per round (EMA), decides
 ranks again when its distribution moved by more than `hsplit.realloc_threshold` (total variation);
 since every adapter restarts at each aggregation anyway, re-deciding loses no trained adapter. The
@@ -158,16 +158,23 @@ class HSplitLoRA(SplitLoRA):
 
     @torch.no_grad()
     def _reset(self) -> None:
-        """Every copy restarts: A ~ LoRA's init on its first r rows, B = 0; optimizer moments cleared."""
+        """After a fold every copy's update restarts at zero: B = 0 (and its optimizer moments), while A
+        keeps what it learned (ΔW = s·B·A is 0 either way). Rows of A a copy newly holds (its rank grew, or
+        a new part) get LoRA's init; rows beyond its rank are zeroed."""
+        learners = [c.client.learner for c in self.clients] + self.server.learners
         for _, part, ranks in self._copies():
             for mod, (a, b, _) in _modules(part).items():
                 r = ranks[mod]
-                a.zero_()
-                bound = 1 / math.sqrt(a.shape[1])   # kaiming_uniform(a=sqrt(5)), PEFT's default for A
-                a[:r] = (torch.rand(r, a.shape[1], generator=self._init_gen) * 2 - 1) * bound
+                live = int((a.abs().sum(dim=1) > 0).sum())   # rows trained so far (a prefix)
+                if r > live:
+                    bound = 1 / math.sqrt(a.shape[1])   # kaiming_uniform(a=sqrt(5)), PEFT's default for A
+                    a[live:r] = (torch.rand(r - live, a.shape[1], generator=self._init_gen) * 2 - 1) * bound
+                a[r:] = 0
                 b.zero_()
-        for learner in [c.client.learner for c in self.clients] + self.server.learners:
-            learner.optimizer.state.clear()
+                for learner in learners:
+                    learner.optimizer.state.pop(b, None)
+                    if r != live:
+                        learner.optimizer.state.pop(a, None)
         self._mask()
 
     def _mask(self) -> None:
