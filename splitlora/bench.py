@@ -503,11 +503,13 @@ from the cost model, all clients), bytes both ways, simulated time, client train
 `dlora_savings`: device FLOPs and bytes saved by dlora against splitlora, and the validation-loss cost."""
 
 
-def hetero(steps: int | None = None, workdir: str | None = None, log=print) -> dict:
+def hetero(steps: int | None = None, workdir: str | None = None, reuse: bool = False, log=print) -> dict:
+    """See HETERO_DOC; with `reuse`, runs already finished in `workdir` with the same config are read."""
     import json
     import tempfile
     from pathlib import Path
 
+    from .compare import _same_config
     from .config import REPO_ROOT, load_config
     from .train import build_run, train
 
@@ -531,8 +533,12 @@ def hetero(steps: int | None = None, workdir: str | None = None, log=print) -> d
     }
     runs = {}
     for name, cfg in variants.items():
-        log(f"bench hetero: {name}")
-        s = train(cfg, root / name, progress=False)
+        if reuse and (root / name / "summary.json").exists() and _same_config(root / name, cfg):
+            log(f"bench hetero: {name} (read from {root / name})")
+            s = json.loads((root / name / "summary.json").read_text())
+        else:
+            log(f"bench hetero: {name}")
+            s = train(cfg, root / name, progress=False)
         runs[name] = {k: s.get(k) for k in ("samples_seen", "initial_val_loss", "final_val_loss", "best_val_loss",
                                             "client_flops", "bytes_up", "bytes_down", "sim_time_s", "wall_s",
                                             "client_trainable_params", "client_splits", "client_mean_ranks",

@@ -98,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--split-layer", type=int, default=3)
     b.add_argument("--workdir", help="deploy: keep the runs and logs here (default: a temporary directory)")
     b.add_argument("--repeats", type=int, default=1, help="deploy: (in-process, deployed) pairs per precision")
+    b.add_argument("--reuse", action="store_true", help="hetero: read runs already finished in --workdir")
     b.add_argument("--quiet-wait", type=float, default=0, metavar="S",
                    help="deploy: before each timed run, wait up to S seconds for an idle machine")
     return p
@@ -191,7 +192,8 @@ def _bench(args) -> None:
     if args.which == "overhead":
         result = bench.overhead(args.model, steps=args.steps or 30, split_layer=args.split_layer)
     elif args.which == "hetero":
-        result = bench.hetero(steps=args.steps, workdir=args.workdir, log=lambda m: print(m, file=sys.stderr))
+        result = bench.hetero(steps=args.steps, workdir=args.workdir, reuse=args.reuse,
+                              log=lambda m: print(m, file=sys.stderr))
     else:
         result = bench.deploy(args.model, steps=args.steps or 6, split_layer=args.split_layer,
                               repeats=args.repeats, quiet_wait_s=args.quiet_wait, workdir=args.workdir,
