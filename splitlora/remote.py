@@ -80,6 +80,7 @@ class Expectations:
     max_length: int
     adapter_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     max_bytes: int = 256 << 20
+    labels: bool = True    # False under the U-shaped split: the client keeps its labels
 
 
 def _finite(name: str, t: torch.Tensor) -> None:
@@ -88,9 +89,10 @@ def _finite(name: str, t: torch.Tensor) -> None:
 
 
 def check_smashed(t: dict[str, torch.Tensor], e: Expectations) -> None:
-    if set(t) != {"activations", "attention_mask", "labels"}:
-        raise BadMessage(f"smashed message needs activations, attention_mask, labels; got {sorted(t)}")
-    a, m, y = t["activations"], t["attention_mask"], t["labels"]
+    keys = {"activations", "attention_mask", "labels"} if e.labels else {"activations", "attention_mask"}
+    if set(t) != keys:
+        raise BadMessage(f"smashed message needs {', '.join(sorted(keys))}; got {sorted(t)}")
+    a, m = t["activations"], t["attention_mask"]
     if a.dtype != torch.float32 or a.dim() != 3 or a.shape[2] != e.hidden:
         raise BadMessage(f"activations must be float [B, T, {e.hidden}], got {a.dtype} {list(a.shape)}")
     b, n = a.shape[:2]
@@ -98,13 +100,16 @@ def check_smashed(t: dict[str, torch.Tensor], e: Expectations) -> None:
         raise BadMessage(f"activations of shape {list(a.shape)} exceed batch {e.batch_size} x {e.max_length}")
     if m.dtype != torch.bool or list(m.shape) != [b, n]:
         raise BadMessage(f"attention_mask must be bool [{b}, {n}], got {m.dtype} {list(m.shape)}")
+    _finite("activations", a)
+    if not e.labels:
+        return
+    y = t["labels"]
     if y.dtype != torch.int32 or list(y.shape) != [b, n]:
         raise BadMessage(f"labels must be int32 [{b}, {n}], got {y.dtype} {list(y.shape)}")
     if ((y != -100) & ((y < 0) | (y >= e.vocab))).any():
         raise BadMessage("labels outside the vocabulary")
     if not (y[:, 1:] != -100).any():
         raise BadMessage("labels supervise no token")
-    _finite("activations", a)
 
 
 def check_adapter(t: dict[str, torch.Tensor], e: Expectations) -> None:
@@ -162,7 +167,8 @@ class WireStats:
 
 
 # what the cost model calls each message (commands, acknowledgements and checkpoint reads have no kind)
-_LOG_KIND = {"smashed": "smashed", "backward": "grad", "adapter": "adapter_up", "load_adapter_state": "adapter_down"}
+_LOG_KIND = {"smashed": "smashed", "backward": "grad", "adapter": "adapter_up", "load_adapter_state": "adapter_down",
+             "top_step": "server_activations", "top": "top_grad"}
 
 
 class RemoteClient:
@@ -213,6 +219,14 @@ class RemoteClient:
                 shape = rmeta.get("shape")
                 if not (isinstance(shape, list) and len(shape) == 2 and all(map(_count, shape))):
                     raise BadMessage("loss reply needs the batch shape [B, T]")
+            elif reply == "top":
+                sent = tensors["activations"]
+                g = out.get("activations_grad")
+                if set(out) != {"activations_grad"} or g.dtype != torch.float32 or g.shape != sent.shape:
+                    raise BadMessage(f"top reply needs activations_grad of shape {list(sent.shape)}")
+                _finite("activations_grad", g)
+                if not (_number(rmeta.get("loss")) and _count(rmeta.get("n"))):
+                    raise BadMessage("top reply needs a finite loss and a positive n")
             elif reply == "state":
                 try:
                     out = join_tensors(rmeta["state"], out)
@@ -232,6 +246,10 @@ class RemoteClient:
 
     def backward(self, activations_grad: torch.Tensor, global_step: int) -> None:
         self._call("backward", {"activations_grad": activations_grad}, {"step": global_step}, lossy=True)
+
+    def top_step(self, server_out: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
+        out, meta = self._call("top_step", server_out, reply="top", lossy=True)
+        return out, float(meta["loss"])
 
     def local_step(self, global_step: int) -> tuple[float, int]:
         _, meta = self._call("local_step", meta={"step": global_step}, reply="loss")
@@ -425,6 +443,13 @@ def answer(client, kind: str, tensors: dict, meta: dict, precision: str) -> byte
         grad = tensors.get("activations_grad")
         if pending is None or grad is None or grad.shape != pending.shape:
             return pack("error", meta={"error": "backward: the gradient does not match the pending activations"})
+    if kind == "top_step":
+        pending = getattr(client, "_activations", None)
+        x = tensors.get("activations")
+        if pending is None or x is None or x.shape != pending.shape or getattr(client.part, "top", None) is None:
+            return pack("error", meta={"error": "top_step: the activations do not match the pending batch"})
+        reply, loss = client.top_step(x)
+        return pack("top", reply, {"loss": loss, "n": int(x.shape[0]), "compute_s": client.compute_s}, precision)
     if kind == "forward":
         msg, n = client.forward()
         return pack("smashed", msg, {"n": n, "compute_s": client.compute_s}, precision)

@@ -26,7 +26,7 @@ from .lora import apply_lora, export_adapter, load_into, lora_config
 from .models import load_model
 from .roles import OptimConfig, lm_loss
 from .roles import Client
-from .split import full_part, split_model
+from .split import full_part, split_model, split_u
 from .hsplit import STRATEGIES  # the registry, with hsplitlora and hetlora
 from .strategies import Setup, Strategy, make_client
 from .wire import Link
@@ -133,7 +133,7 @@ def build_run(cfg: Config, hub=None) -> Run:
             shapes = {k: tuple(p.shape) for k, p in part.adapter.items()}
             return hub.configure(cid, Expectations(lm.model.config.hidden_size, lm.model.config.vocab_size,
                                                    cfg.train.batch_size, cfg.data.max_length, shapes,
-                                                   hub.max_bytes))
+                                                   hub.max_bytes, labels=cfg.model.top_layers == 0))
         setup = _setup(cfg, template, lm.tokenizer, None, remote=remote, link=hub.stats)
     try:
         options = cfg.dlora.model_dump() if cfg.strategy.name == "dlora" else {}
@@ -159,10 +159,13 @@ def client_role(cfg: Config, cid: int) -> Client:
         raise ConfigError(f"--client-id: {cid} is not in [0, {cfg.strategy.num_clients})")
     torch.manual_seed(cfg.train.seed)
     train_ex, _ = load_examples(cfg)
-    whole = cfg.strategy.name == "fedlora"
+    whole = cfg.strategy.name == "fedlora" or cfg.model.top_layers > 0   # a U-shaped client loads it all (for now)
     lm, template = _model(cfg) if whole else _model(cfg, layers=range(cfg.model.split_layer), head=False)
     features = client_data(cfg, lm.tokenizer, train_ex, only=cid)[0]
-    part = full_part(template) if whole else split_model(template, cfg.model.split_layer)[0]
+    if cfg.model.top_layers:
+        part = split_u(template, cfg.model.split_layer, cfg.model.top_layers)[0]
+    else:
+        part = full_part(template) if cfg.strategy.name == "fedlora" else split_model(template, cfg.model.split_layer)[0]
     return make_client(cid, part, features, _setup(cfg, template, lm.tokenizer, None))
 
 

@@ -73,14 +73,15 @@ class RecordingLink(Link):
 
 
 def _readable(sent, token_ids: set[int]) -> list[str]:
-    """Tensors the server could read as text: any integer tensor, or one whose values are token ids."""
+    """Tensors the server could read as text: any integer tensor, or a float sequence (>= 8 values,
+    not all the same, e.g. not a zero-initialised LoRA B or an optimizer step count) of token ids."""
     found = []
     for msg in sent:
         for name, t in msg.items():
             if not t.is_floating_point() and t.dtype != torch.bool:
                 found.append(name)
-            elif t.is_floating_point() and t.numel() and bool(((t == t.round()) & (t >= 0)).all()) \
-                    and set(t.unique().long().tolist()) <= token_ids:
+            elif t.is_floating_point() and t.numel() >= 8 and t.unique().numel() > 1 \
+                    and bool(((t == t.round()) & (t >= 0)).all()) and set(t.unique().long().tolist()) <= token_ids:
                 found.append(name)
     return found
 
@@ -121,3 +122,35 @@ def test_ushape_errors_name_the_fields(make_config, tmp_path):
         build_run(make_config({"model.top_layers": 3, "model.split_layer": 1}))
     with pytest.raises(ConfigError, match="model.top_layers: the U-shaped split works with splitlora and sl"):
         build_run(make_config({"model.top_layers": 1, "model.split_layer": 1, "strategy.name": "dlora"}))
+
+
+def test_deployed_ushape_equals_simulator_and_sends_no_tokens(make_config, tmp_path, monkeypatch):
+    """Over the network (mutual TLS, real client processes): the same losses and adapter as the
+    simulator, and every message the server receives is free of token ids and labels."""
+    import splitlora.remote as remote
+    from test_deploy import BASE, run_clients, start, wait_all
+
+    from splitlora.certs import create_certs
+
+    certs = tmp_path / "certs"
+    create_certs(certs, 2)
+    cfg = make_config({**BASE, "model.top_layers": 1, "model.split_layer": 1})
+    run_training(cfg, tmp_path / "sim")
+    received = []
+    original = remote.unpack
+
+    def recording(data, max_bytes):
+        kind, tensors, meta = original(data, max_bytes)
+        received.append(tensors)
+        return kind, tensors, meta
+
+    monkeypatch.setattr(remote, "unpack", recording)
+    t, port, _, result = start(cfg, tmp_path / "dep", certs)
+    wait_all(run_clients(cfg, port, certs, tmp_path), t, result)
+    sim, dep = read_metrics(tmp_path / "sim"), read_metrics(tmp_path / "dep")
+    assert [r["train_loss"] for r in dep] == [r["train_loss"] for r in sim]
+    assert [r["val_loss"] for r in dep] == [r["val_loss"] for r in sim]
+    sa, da = exported_adapter(tmp_path / "sim"), exported_adapter(tmp_path / "dep")
+    assert all(torch.equal(sa[k], da[k]) for k in sa)
+    vocab = set(range(build_run(cfg).template.get_base_model().config.vocab_size))
+    assert sum(len(m) for m in received) > 10 and _readable(received, vocab) == []
