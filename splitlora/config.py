@@ -83,6 +83,19 @@ class DeploySection(_Section):
     max_pending_sessions: int = Field(2, ge=1)   # sessions per client certificate still waiting for hello
 
 
+class PrivacySection(_Section):
+    """Defense on what clients send (smashed activations; under the U-shape also the gradient up)."""
+
+    clip_norm: float | None = Field(None, gt=0)    # per-example L2 clipping; None: no clipping, no noise
+    noise_multiplier: float = Field(0.0, ge=0)     # Gaussian noise std = noise_multiplier x clip_norm
+
+    @model_validator(mode="after")
+    def _noise_needs_clip(self):
+        if self.noise_multiplier > 0 and self.clip_norm is None:
+            raise ValueError("privacy.noise_multiplier needs privacy.clip_norm (the noise is scaled by it)")
+        return self
+
+
 class DloraSection(_Section):
     """Kill & Revive of client-side adapters (strategy `dlora`; see splitlora/strategies.py)."""
 
@@ -127,6 +140,7 @@ class Config(_Section):
     cost: CostSection = CostSection()
     dlora: DloraSection = DloraSection()
     hsplit: HsplitSection = HsplitSection()
+    privacy: PrivacySection = PrivacySection()
 
     @model_validator(mode="after")
     def _warmup_fits(self):

@@ -140,8 +140,8 @@ class HSplitLoRA(SplitLoRA):
         carry over (the parts are rebuilt when a split changes)."""
         for i, c in enumerate(self.clients):
             part = make_part(self.s.template, 0, self.splits[i]).replicate()
-            old, c.client = c.client, Client(i, part, c.client.stream, self.s.optim)
-            c.client.compute_s = old.compute_s
+            old, c.client = c.client, Client(i, part, c.client.stream, self.s.optim, self.s.privacy, self.s.seed)
+            c.client.compute_s, c.client.noise = old.compute_s, old.noise
         server = make_part(self.s.template, min(self.splits), self.layers).replicate()
         compute_s = self.server.compute_s
         self.server = MainServer([server], self.s.optim)

@@ -462,9 +462,10 @@ def answer(client, kind: str, tensors: dict, meta: dict, precision: str) -> byte
         return pack("adapter", client.adapter_state(), done)
     elif kind == "load_adapter_state":
         client.load_adapter_state(tensors)
-    elif kind == "state_dict":
+    elif kind == "state_dict":   # the noise generator's state stays with the client (it would undo the noise)
         out: dict[str, torch.Tensor] = {}
-        return pack("state", out, {"state": split_tensors(client.state_dict(), out)})
+        state = {k: v for k, v in client.state_dict().items() if k != "noise"}
+        return pack("state", out, {"state": split_tensors(state, out)})
     elif kind == "load_state_dict":
         client.load_state_dict(join_tensors(meta["state"], tensors))
     else:

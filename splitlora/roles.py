@@ -32,6 +32,29 @@ class OptimConfig:
     label_smoothing: float
 
 
+@dataclass(frozen=True)
+class Privacy:
+    """What a client does to what it sends: each example's tensor is scaled to an L2 norm of at most
+    `clip_norm`, then Gaussian noise of std `noise_multiplier` x `clip_norm` is added to every value.
+    Applied in the client's graph (the client's own backward passes through the clipping; the noise
+    is a constant), to the smashed activations and, under the U-shape, to the gradient it sends up."""
+
+    clip_norm: float | None = None
+    noise_multiplier: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.clip_norm is not None
+
+    def apply(self, t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        norms = t.flatten(1).norm(dim=1).clamp_min(1e-12)
+        scale = (self.clip_norm / norms).clamp(max=1.0).view(-1, *([1] * (t.dim() - 1)))
+        t = t * scale
+        if self.noise_multiplier > 0:
+            t = t + torch.randn(t.shape, generator=gen) * (self.noise_multiplier * self.clip_norm)
+        return t
+
+
 def lr_at(step: int, cfg: OptimConfig) -> float:
     """Linear warm-up over `warmup_steps`, then linear decay to 0 at `total_steps` (step is 0-based)."""
     if step < cfg.warmup_steps:
@@ -83,8 +106,11 @@ class Learner:
 class Client:
     """A data owner. Split strategies call forward()/backward(); whole-model ones call local_step()."""
 
-    def __init__(self, cid: int, part: ModelPart, stream: BatchStream, cfg: OptimConfig):
+    def __init__(self, cid: int, part: ModelPart, stream: BatchStream, cfg: OptimConfig,
+                 privacy: Privacy = Privacy(), seed: int = 0):
         self.cid, self.part, self.stream = cid, part, stream
+        self.privacy = privacy
+        self.noise = torch.Generator().manual_seed(seed * 7907 + cid)
         self.learner = Learner(part, cfg)
         self.compute_s = 0.0
         self.last_shape: tuple[int, int] = (0, 0)   # (B, T) of the last batch, for the cost model
@@ -106,6 +132,8 @@ class Client:
         t0 = time.perf_counter()
         self.part.train()
         self._activations = self.part(batch["input_ids"], batch["attention_mask"])
+        if self.privacy.active:
+            self._activations = self.privacy.apply(self._activations, self.noise)
         self.compute_s += time.perf_counter() - t0
         # a U-shaped client computes the loss itself: its labels stay here
         self._pending = (batch["attention_mask"], batch["labels"])
@@ -123,8 +151,9 @@ class Client:
         x = activations.detach().requires_grad_(True)
         loss = lm_loss(self.part.top(x, mask), labels, self.learner.cfg.label_smoothing)
         loss.backward()
+        grad = self.privacy.apply(x.grad, self.noise) if self.privacy.active else x.grad
         self.compute_s += time.perf_counter() - t0
-        return {"activations_grad": x.grad}, loss.item()
+        return {"activations_grad": grad}, loss.item()
 
     def backward(self, activations_grad: torch.Tensor, global_step: int) -> None:
         """Finish backpropagation with the server's gradient and update the client-side adapter."""
@@ -181,12 +210,14 @@ class Client:
 
     def state_dict(self) -> dict:
         return {"learner": self.learner.state_dict(), "stream": self.stream.state_dict(),
-                "compute_s": self.compute_s}
+                "compute_s": self.compute_s, "noise": self.noise.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.learner.load_state_dict(state["learner"])
         self.stream.load_state_dict(state["stream"])
         self.compute_s = state["compute_s"]
+        if "noise" in state:
+            self.noise.set_state(state["noise"])
 
 
 class MainServer:

@@ -22,7 +22,7 @@ import torch
 
 from .cost import StepWork
 from .data import BatchStream
-from .roles import Client, ClientDropped, FedServer, MainServer, OptimConfig, fedavg
+from .roles import Client, ClientDropped, FedServer, MainServer, OptimConfig, Privacy, fedavg
 from .split import ModelPart, full_part, split_model, split_u
 from .wire import Link, LinkedClient, data_message
 
@@ -45,6 +45,7 @@ class Setup:
     fed: FedServer = field(default_factory=FedServer)
     remote: Callable | None = None         # (cid, client part) -> RemoteClient, for a deployed server
     top_layers: int = 0                    # m > 0: U-shaped split, the client also holds the last m blocks + head
+    privacy: Privacy = field(default_factory=Privacy)   # clipping and noise on what clients send
 
     def clients(self, part: ModelPart, features: list[list[dict]] | None = None) -> list:
         if self.remote is not None:
@@ -57,7 +58,7 @@ class Setup:
 def make_client(cid: int, part: ModelPart, features: list[dict], setup: Setup) -> Client:
     """The client role as every process builds it: its part, its data stream, its optimizer."""
     stream = BatchStream(features, setup.batch_size, setup.seed * 1009 + cid, setup.pad_token_id)
-    return Client(cid, part, stream, setup.optim)
+    return Client(cid, part, stream, setup.optim, setup.privacy, setup.seed)
 
 
 class Strategy:

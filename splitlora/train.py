@@ -8,6 +8,7 @@ train_loss is the mean over the steps since the previous record; val_* are null 
 from __future__ import annotations
 
 import json
+import os
 import math
 import time
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from .config import Config, ConfigError, resolve_path
 from .cost import CostError, CostModel, Profile, Shapes, load_profiles, resolve
 from .lora import apply_lora, export_adapter, load_into, lora_config
 from .models import load_model
-from .roles import OptimConfig, lm_loss
+from .roles import OptimConfig, Privacy, lm_loss
 from .roles import Client
 from .split import full_part, split_model, split_u
 from .hsplit import STRATEGIES  # the registry, with hsplitlora and hetlora
@@ -93,6 +94,7 @@ def _setup(cfg: Config, template, tokenizer, client_features, remote=None, link=
         split_layer=cfg.model.split_layer, num_clients=cfg.strategy.num_clients,
         aggregation_interval=cfg.strategy.aggregation_interval, server_mode=cfg.strategy.server_mode,
         top_layers=cfg.model.top_layers,
+        privacy=Privacy(cfg.privacy.clip_norm, cfg.privacy.noise_multiplier),
         link=link if link is not None else Link(cfg.wire.precision), remote=remote)
 
 
@@ -166,7 +168,10 @@ def client_role(cfg: Config, cid: int) -> Client:
         part = split_u(template, cfg.model.split_layer, cfg.model.top_layers)[0]
     else:
         part = full_part(template) if cfg.strategy.name == "fedlora" else split_model(template, cfg.model.split_layer)[0]
-    return make_client(cid, part, features, _setup(cfg, template, lm.tokenizer, None))
+    role = make_client(cid, part, features, _setup(cfg, template, lm.tokenizer, None))
+    # a deployed client's noise must be unknown to the server, which knows the config's seed
+    role.noise.manual_seed(int.from_bytes(os.urandom(8), "little"))
+    return role
 
 
 @torch.no_grad()
