@@ -1,4 +1,4 @@
-"""Command line: `splitlora train`, `eval`, `score`, `serve`, `client`, `certs`, `calibrate`, `compare` and
+"""Command line: `splitlora train`, `eval`, `score`, `serve`, `client`, `certs`, `calibrate`, `compare`, `attack` and
 `bench overhead|deploy|hetero`.
 
 Errors a user can fix (config, model, data, split point) print one line naming the field or file
@@ -89,6 +89,14 @@ def _parser() -> argparse.ArgumentParser:
     co.add_argument("--reuse", action="store_true",
                     help="read strategies whose run directory already holds a finished run of the same config")
     co.add_argument("--no-progress", action="store_true")
+    at = sub.add_parser("attack", help="a curious server tries to recover client tokens from smashed activations")
+    at.add_argument("run_dir", metavar="RUN_DIR")
+    at.add_argument("--output", required=True, help="directory for attack.json and attack.png")
+    at.add_argument("--depths", default="1,3,6", help="split depths (client blocks), comma-separated")
+    at.add_argument("--noise", default="0,0.001,0.005", help="noise multipliers, comma-separated")
+    at.add_argument("--clip-norm", type=float, help="per-example clip norm (default: the run's, else 1000)")
+    at.add_argument("--victims", type=int, default=32, help="held-out examples to attack")
+    at.add_argument("--public", type=int, default=400, help="public examples (E2E test set) the attacker uses")
     b = sub.add_parser("bench", help="benchmarks writing JSON")
     b.add_argument("which", choices=["overhead", "deploy", "hetero"])
     b.add_argument("--output", required=True, help="JSON file to write")
@@ -186,6 +194,16 @@ def _compare(args) -> None:
           + ", ".join(f"{k} {v:.3f}" for k, v in result["time_to_target_ratios"].items()))
 
 
+def _attack(args) -> None:
+    from .attack import attack
+
+    floats = lambda text: [float(x) for x in text.split(",") if x.strip()]  # noqa: E731
+    result = attack(args.run_dir, args.output, depths=[int(x) for x in floats(args.depths)],
+                    noise_levels=floats(args.noise), clip_norm=args.clip_norm, victims=args.victims,
+                    public=args.public, log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps(result["results"], indent=2))
+
+
 def _bench(args) -> None:
     from . import bench
 
@@ -207,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         commands = {"train": _train, "eval": _eval, "score": _score, "serve": _serve, "client": _client,
-                    "certs": _certs, "calibrate": _calibrate, "compare": _compare, "bench": _bench}
+                    "certs": _certs, "calibrate": _calibrate, "compare": _compare, "attack": _attack,
+                    "bench": _bench}
         commands[args.command](args)
     except USER_ERRORS as e:
         print(f"splitlora: error: {e}", file=sys.stderr)

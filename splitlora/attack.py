@@ -1,0 +1,143 @@
+"""`splitlora attack`: a curious server tries to read the clients' text from the smashed activations.
+
+The victim is a trained run: its model (the exported adapter on the base) computes the activations a
+client would send at split depth d for the run's held-out examples (private text), clipped and noised
+as `privacy` would at each noise level. The attacker knows what a server knows: the public pretrained
+weights (no adapter), the defense's parameters, and public text of the same kind (the E2E test set's
+references here). Two attacks, each scored as the share of the victims' tokens recovered exactly:
+- nearest neighbour: the public model's depth-d activations of the public text form a dictionary of
+  (activation, token); each received activation gets the token of its most similar entry (cosine);
+- learned inversion: a linear softmax classifier from activation to token (over the tokens of the
+  public text), trained on the public dictionary with the same clipping and noise.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .roles import Privacy
+
+
+@torch.no_grad()
+def activations(model, features: list[dict], depth: int, pad_id: int, batch: int = 16) -> tuple[torch.Tensor, ...]:
+    """(activations [N, T, H], token ids [N, T], mask [N, T]) of blocks [0, depth) of a PEFT model."""
+    from . import data as D
+    from .split import make_part
+
+    part = make_part(model, 0, depth)
+    part.eval()
+    acts, ids, masks = [], [], []
+    for i in range(0, len(features), batch):
+        b = D.collate(features[i:i + batch], pad_id)
+        acts.append(part(b["input_ids"], b["attention_mask"]))
+        ids.append(b["input_ids"])
+        masks.append(b["attention_mask"].bool())
+    t = max(a.shape[1] for a in acts)
+    pad = lambda x, v: torch.nn.functional.pad(x, (0, 0, 0, t - x.shape[1]) if x.dim() == 3 else (0, t - x.shape[1]), value=v)  # noqa: E731
+    return (torch.cat([pad(a, 0.0) for a in acts]), torch.cat([pad(x, pad_id) for x in ids]),
+            torch.cat([pad(m, False) for m in masks]))
+
+
+def defend(acts: torch.Tensor, clip: float, noise: float, seed: int) -> torch.Tensor:
+    if noise == 0 and clip <= 0:
+        return acts
+    return Privacy(clip, noise).apply(acts, torch.Generator().manual_seed(seed))
+
+
+def nearest_neighbour(public: torch.Tensor, public_ids: torch.Tensor, received: torch.Tensor) -> torch.Tensor:
+    """Token of the most similar (cosine) public activation, for each received activation."""
+    p = torch.nn.functional.normalize(public, dim=1)
+    out = []
+    for chunk in torch.split(torch.nn.functional.normalize(received, dim=1), 2048):
+        out.append(public_ids[(chunk @ p.T).argmax(dim=1)])
+    return torch.cat(out)
+
+
+def learned_inversion(public: torch.Tensor, public_ids: torch.Tensor, received: torch.Tensor,
+                      epochs: int = 30, seed: int = 0) -> torch.Tensor:
+    """A linear classifier activation -> token (over the public text's tokens), full-batch Adam."""
+    vocab, target = torch.unique(public_ids, return_inverse=True)
+    g = torch.Generator().manual_seed(seed)
+    mean, std = public.mean(0), public.std(0).clamp_min(1e-6)
+    x = (public - mean) / std
+    w = torch.zeros(x.shape[1], len(vocab), requires_grad=True)
+    b = torch.zeros(len(vocab), requires_grad=True)
+    opt = torch.optim.Adam([w, b], lr=1e-2)
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=g)
+        for idx in torch.split(perm, 4096):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(x[idx] @ w + b, target[idx]).backward()
+            opt.step()
+    with torch.no_grad():
+        return vocab[(((received - mean) / std) @ w + b).argmax(dim=1)]
+
+
+def attack(run_dir: str | Path, output: str | Path, depths=(1, 3, 6), noise_levels=(0.0, 0.001, 0.005),
+           clip_norm: float | None = None, victims: int = 32, public: int = 400, epochs: int = 30,
+           log=print) -> dict:
+    from peft import PeftModel
+
+    from . import data as D
+    from .config import load_config, resolve_path
+    from .models import load_model
+    from .split import num_layers
+    from .train import load_examples
+
+    run_dir, out = Path(run_dir), Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(run_dir / "config.yaml")
+    clip = clip_norm if clip_norm is not None else (cfg.privacy.clip_norm or 1000.0)
+    base = load_model(cfg.model.name, seed=cfg.train.seed)
+    victim = PeftModel.from_pretrained(load_model(cfg.model.name, seed=cfg.train.seed).model, run_dir / "adapter")
+    tok, pad = base.tokenizer, base.tokenizer.pad_token_id
+    _, val = load_examples(cfg)
+    private = D.tokenize(val, tok, cfg.data.max_length)[:victims]
+    public_file = resolve_path("data", "data/e2e/testset_w_refs.csv")
+    public_feats = D.tokenize(D.load_e2e(public_file)[:public], tok, cfg.data.max_length)
+    from .lora import apply_lora, lora_config
+    public_model = apply_lora(base.model, lora_config(base.model.config, 1, 1, 0.0), 0)   # B = 0: the base
+    total = num_layers(base.model.config)
+    results = []
+    for d in [d for d in depths if 1 <= d < total]:
+        pa, pi, pm = activations(public_model, public_feats, d, pad)
+        va, vi, vm = activations(victim, private, d, pad)
+        for noise in noise_levels:
+            sent = defend(va, clip, noise, seed=1)[vm]
+            known = defend(pa, clip, noise, seed=2)[pm]
+            truth = vi[vm]
+            row = {"depth": d, "noise_multiplier": noise, "clip_norm": clip, "tokens": int(truth.numel()),
+                   "nearest_neighbour": float((nearest_neighbour(known, pi[pm], sent) == truth).float().mean()),
+                   "learned_inversion": float((learned_inversion(known, pi[pm], sent, epochs) == truth).float().mean())}
+            log(f"attack: depth {d}, noise {noise:g}: nearest neighbour {row['nearest_neighbour']:.3f}, "
+                f"learned {row['learned_inversion']:.3f}")
+            results.append(row)
+    result = {"run": str(run_dir), "model": cfg.model.name, "victim_examples": len(private),
+              "public_examples": len(public_feats), "public_text": str(public_file), "results": results}
+    (out / "attack.json").write_text(json.dumps(result, indent=2))
+    _plot(results, out / "attack.png")
+    return result
+
+
+def _plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for noise in sorted({r["noise_multiplier"] for r in results}):
+        rows = [r for r in results if r["noise_multiplier"] == noise]
+        for key, style in (("nearest_neighbour", "-o"), ("learned_inversion", "--s")):
+            ax.plot([r["depth"] for r in rows], [r[key] for r in rows], style, label=f"{key.replace('_', ' ')}, noise {noise:g}")
+    ax.set_xlabel("split depth (client blocks)")
+    ax.set_ylabel("tokens recovered")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
