@@ -125,9 +125,13 @@ class Keep:
     layers: range
     embeddings: bool = True
     head: bool = True
+    top_layers: int = 0     # also the last blocks (a U-shaped client)
+
+    def has_block(self, i: int, total: int) -> bool:
+        return i in self.layers or i >= total - self.top_layers
 
     def is_everything(self, total: int) -> bool:
-        return self.embeddings and self.head and all(i in self.layers for i in range(total))
+        return self.embeddings and self.head and all(self.has_block(i, total) for i in range(total))
 
 
 def kept_names(model: PreTrainedModel, keep: Keep) -> set[str]:
@@ -136,7 +140,7 @@ def kept_names(model: PreTrainedModel, keep: Keep) -> set[str]:
     wanted: list[nn.Module] = []
     for key, mod in fam.modules(model).items():
         if key == "blocks":
-            wanted += [b for i, b in enumerate(mod) if i in keep.layers]
+            wanted += [b for i, b in enumerate(mod) if keep.has_block(i, len(mod))]
         elif key in fam.embed_modules:
             wanted += [mod] if keep.embeddings else []
         elif key in fam.head_modules:
@@ -257,7 +261,7 @@ def load_hf_dir(path: str | os.PathLike, name: str | None = None, keep: Keep | N
 
 
 def load_model(name: str, seed: int = 0, layers: range | None = None, embeddings: bool = True,
-               head: bool = True) -> LoadedModel:
+               head: bool = True, top_layers: int = 0) -> LoadedModel:
     """`name` is a preset (smollm2-135m-instruct, tiny-gpt2, tiny-llama) or a local HF directory.
 
     By default the whole model is loaded. With `layers` (blocks to keep) and/or `embeddings=False` /
@@ -268,7 +272,7 @@ def load_model(name: str, seed: int = 0, layers: range | None = None, embeddings
     """
     keep = None
     if layers is not None or not (embeddings and head):
-        keep = Keep(range(10**9) if layers is None else layers, embeddings, head)
+        keep = Keep(range(10**9) if layers is None else layers, embeddings, head, top_layers)
     if name == SMOLLM2:
         return load_smollm2(keep)
     if name in PRESETS:

@@ -154,15 +154,17 @@ def build_run(cfg: Config, hub=None) -> Run:
 def client_role(cfg: Config, cid: int) -> Client:
     """The client role a deployed client process runs: its own part and its own data partition.
 
-    A split client materialises only its part (embeddings + blocks [0, k)): the server's blocks and
-    the head stay meta tensors and are never read from disk (a fedlora client needs the whole model).
+    A split client materialises only its part (embeddings + blocks [0, k); a U-shaped client also the
+    last m blocks and the head): the server's blocks stay meta tensors and are never read from disk
+    (a fedlora client needs the whole model).
     """
     if not 0 <= cid < cfg.strategy.num_clients:
         raise ConfigError(f"--client-id: {cid} is not in [0, {cfg.strategy.num_clients})")
     torch.manual_seed(cfg.train.seed)
     train_ex, _ = load_examples(cfg)
-    whole = cfg.strategy.name == "fedlora" or cfg.model.top_layers > 0   # a U-shaped client loads it all (for now)
-    lm, template = _model(cfg) if whole else _model(cfg, layers=range(cfg.model.split_layer), head=False)
+    whole, u = cfg.strategy.name == "fedlora", cfg.model.top_layers
+    lm, template = _model(cfg) if whole else _model(cfg, layers=range(cfg.model.split_layer), head=bool(u),
+                                                    top_layers=u)
     features = client_data(cfg, lm.tokenizer, train_ex, only=cid)[0]
     if cfg.model.top_layers:
         part = split_u(template, cfg.model.split_layer, cfg.model.top_layers)[0]

@@ -149,3 +149,29 @@ def _bare_part(model, layers):
 
     fam = family_of(model.config)
     return ModelPart(fam, model.config, fam.modules(model), layers.start, layers.stop, {}).eval()
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
+def test_ushaped_client_materialises_only_its_two_parts(model, make_config, loaded):
+    """A U-shaped client holds the embeddings, blocks [0, k) and [L - m, L) and the head; the middle
+    stays meta; its parts compute what the whole model's U-shaped client parts compute."""
+    from splitlora.split import split_u
+
+    cfg = make_config({"model.name": model, "model.split_layer": 1, "model.top_layers": 1})
+    role = T.client_role(cfg, 0)
+    hf = loaded[0]
+    real = {id(p) for p in hf.parameters() if p.device.type != "meta"}
+    assert real == {id(p) for p in role.part.parameters()}
+    assert any(p.device.type == "meta" for p in hf.parameters())
+    T.torch.manual_seed(cfg.train.seed)
+    _, full = T._model(cfg)
+    ref = split_u(full, 1, 1)[0]
+    assert all(torch.equal(p, role.part.adapter[k]) for k, p in ref.adapter.items())
+    ids = torch.randint(0, 200, (2, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    role.part.eval()
+    ref.eval()
+    with torch.no_grad():
+        h = role.part(ids, mask)
+        assert torch.equal(h, ref(ids, mask))
+        assert torch.equal(role.part.top(h, mask), ref.top(h, mask))
