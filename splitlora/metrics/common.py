@@ -36,17 +36,22 @@ def check_inputs(predictions: Sequence[str],
     if not predictions:
         raise MetricsError("no predictions to score")
     preds = [clean(p, f"prediction {i + 1}") for i, p in enumerate(predictions)]
-    groups = []
-    for i, group in enumerate(references):
-        if isinstance(group, str):
-            raise MetricsError(f"reference group {i + 1}: expected a list of strings, got a string")
-        refs = [clean(r, f"reference group {i + 1}, reference {j + 1}") for j, r in enumerate(group)]
-        if not refs:
-            raise MetricsError(f"reference group {i + 1} is empty: every prediction needs a reference")
-        for j, r in enumerate(refs):
-            if not r:
-                raise MetricsError(f"reference group {i + 1}, reference {j + 1} is empty")
-        groups.append(refs)
+    groups = [reference_group(i, group, clean, ": every prediction needs a reference")
+              for i, group in enumerate(references)]
     return preds, groups
+
+
+def reference_group(i: int, group, check, empty_group: str = "", empty_reference: str = "") -> list[str]:
+    """Reference group i (0-based) checked line by line with `check(text, where)`: a list of non-empty
+    strings, at least one; the hints end the messages for an empty group or reference."""
+    if isinstance(group, str):
+        raise MetricsError(f"reference group {i + 1}: expected a list of strings, got a string")
+    refs = [check(r, f"reference group {i + 1}, reference {j + 1}") for j, r in enumerate(group)]
+    if not refs:
+        raise MetricsError(f"reference group {i + 1} is empty{empty_group}")
+    for j, r in enumerate(refs):
+        if not r:
+            raise MetricsError(f"reference group {i + 1}, reference {j + 1} is empty{empty_reference}")
+    return refs
 
 

@@ -8,7 +8,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from .common import LINE_BREAKS, MetricsError
+from .common import LINE_BREAKS, MetricsError, reference_group
 
 # Header names the official scorer recognises (matched case-insensitively against the whole cell).
 _HEADER_MR = r"(mr|src|source|meaning(?:[_ .-]rep(?:resentation)?)?|da|dial(?:ogue)?[_ .-]act)s?"
@@ -164,15 +164,7 @@ def write_references(path: str | Path, references: Sequence[Sequence[str]]) -> N
     """Write reference groups, one reference per line and a blank line between instances (UTF-8)."""
     blocks = []
     for i, group in enumerate(references):
-        if isinstance(group, str):
-            raise MetricsError(f"reference group {i + 1}: expected a list of strings, got a string")
-        refs = [_check_line(r, f"reference group {i + 1}, reference {j + 1}") for j, r in enumerate(group)]
-        if not refs:
-            raise MetricsError(f"reference group {i + 1} is empty")
-        for j, r in enumerate(refs):
-            if not r:
-                raise MetricsError(f"reference group {i + 1}, reference {j + 1} is empty (a blank line "
-                                   "would end the group)")
+        refs = reference_group(i, group, _check_line, empty_reference=" (a blank line would end the group)")
         blocks.append("".join(r + "\n" for r in refs))
     Path(path).write_text("\n".join(blocks), encoding="utf-8")
 
