@@ -46,15 +46,14 @@ def reach(rows: list[dict], target: float) -> dict | None:
     return next((r for r in rows if r["val_loss"] is not None and r["val_loss"] <= target), None)
 
 
-def client_memory_mib(cfg: Config, name: str) -> float:
-    """Estimated peak training memory of one client (fp32; see cost.part_memory_bytes)."""
+def client_memory_mib(cfg: Config, name: str, template) -> float:
+    """Estimated peak training memory of one client (fp32; see cost.part_memory_bytes), from the run's
+    PEFT model `template` (the same for every strategy of a comparison: loaded once)."""
     from .cost import Shapes
     from .split import full_part, split_model
-    from .train import _model
 
     if name == "cenlora":
         return 0.0   # the client only uploads its data
-    _, template = _model(cfg)
     s = Shapes.from_model(template)
     whole = name == "fedlora"
     part = full_part(template) if whole else split_model(template, cfg.model.split_layer)[0]
@@ -127,6 +126,9 @@ def compare(cfg: Config, strategies: list[str], output: str | Path, samples: int
     if target is None:
         target = runs["cenlora"]["summary"]["best_val_loss"] * (1 + margin)
         rule = f"best cenlora validation loss x {1 + margin:g}"
+    from .train import _model
+
+    _, template = _model(cfg)   # for the memory estimates (model and LoRA are the same for every strategy)
     result = {"target_val_loss": target, "target_rule": rule, "samples_budget": samples,
               "eval_every_samples": eval_samples, "model": cfg.model.name, "num_clients": cfg.strategy.num_clients,
               "split_layer": cfg.model.split_layer, "batch_size": cfg.train.batch_size,
@@ -145,7 +147,7 @@ def compare(cfg: Config, strategies: list[str], output: str | Path, samples: int
             "final_val_ppl": math.exp(s["final_val_loss"]),
             "client_trainable_params": s["client_trainable_params"],
             "server_trainable_params": s["server_trainable_params"],
-            "client_peak_memory_mib_est": client_memory_mib(configs[name], name),
+            "client_peak_memory_mib_est": client_memory_mib(configs[name], name, template),
             "reached_target": hit is not None,
             "sim_time_to_target_s": hit["sim_time_s"] if hit else None,
             "bytes_to_target": hit["bytes_up"] + hit["bytes_down"] if hit else None,

@@ -269,6 +269,7 @@ class CostModel:
         self.client_lora = frozenset((b, lin.name) for b in range(split_layer) for lin in shapes.blocks[b] if lin.rank)
         self.client_flops = 0.0   # device FLOPs simulated so far (every client's)
         self._cache: dict = {}
+        self._shapes: dict = {}
 
     def _flops(self, which: str, b: int, t: int, frozen: frozenset = frozenset(), layout=None) -> Flops:
         k, s = layout or (self.k, self.s)
@@ -286,7 +287,7 @@ class CostModel:
                 self._cache[key] = part_flops(s, k, self.layers, True, b, t, input_grad=grad)
             else:
                 self._cache[key] = part_flops(s, 0, self.layers, True, b, t, input_grad=False)
-            self._keep = getattr(self, "_keep", []) + [s]   # ids stay unique while cached
+            self._shapes[id(s)] = s   # held, so the id in the key stays this object's
         return self._cache[key]
 
     def client(self, cid: int) -> Profile:

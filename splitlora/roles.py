@@ -113,7 +113,7 @@ class Client:
         self.noise = torch.Generator().manual_seed(seed * 7907 + cid)
         self.learner = Learner(part, cfg)
         self.compute_s = 0.0
-        self.last_shape: tuple[int, int] = (0, 0)   # (B, T) of the last batch, for the cost model
+        self.last_shape: tuple[int, int] = (0, 0)   # (B, T) of the last whole-model batch, for the cost model
         self.frozen: set[str] = set()                  # adapter keys that get no gradient (DLoRA: killed)
         self._activations: torch.Tensor | None = None
 
@@ -128,7 +128,6 @@ class Client:
     def forward(self) -> tuple[dict[str, torch.Tensor], int]:
         """Run the bottom layers on the next batch; returns (smashed message, batch size)."""
         batch = self.stream.next_batch()
-        self.last_shape = tuple(batch["input_ids"].shape)
         t0 = time.perf_counter()
         self.part.train()
         self._activations = self.part(batch["input_ids"], batch["attention_mask"])
