@@ -276,14 +276,14 @@ class CostModel:
         key = (which, b, t, frozen, k, id(s))
         top = self.layers - self.m
         if key not in self._cache:
+            grad = layout is not None or not self.client_lora <= frozen   # the client's bottom trains
             if which == "middle":
-                self._cache[key] = part_flops(s, k, top, False, b, t, input_grad=True)
+                self._cache[key] = part_flops(s, k, top, False, b, t, input_grad=grad)
             elif which == "top":
-                self._cache[key] = part_flops(s, top, self.layers, True, b, t, input_grad=True)
+                self._cache[key] = part_flops(s, top, self.layers, True, b, t, input_grad=True, frozen=frozen)
             elif which == "client":
                 self._cache[key] = part_flops(s, 0, k, False, b, t, input_grad=False, frozen=frozen)
             elif which == "server":   # the activation gradient only for a client with something to train
-                grad = layout is not None or not self.client_lora <= frozen
                 self._cache[key] = part_flops(s, k, self.layers, True, b, t, input_grad=grad)
             else:
                 self._cache[key] = part_flops(s, 0, self.layers, True, b, t, input_grad=False)
@@ -307,34 +307,30 @@ class CostModel:
         t += sum(self.server.compute_s(self._flops("whole", b, n).total) for b, n in w.central)
         t += max((self.client(c).compute_s(self._flops("whole", b, n).total) for c, b, n in w.local), default=0.0)
         self.client_flops += sum(self._flops("whole", b, n).total for _, b, n in w.local)
-        if w.split and self.m:   # U-shape: the server holds a client's batch from its middle forward to backward
-            arrivals = sorted((self.client(c).compute_s(self._flops("client", b, n).forward)
+        if w.split:   # clients in parallel; the server takes the batches in arrival order
+            def fl(which, c, b, n):
+                return self._flops(which, b, n, w.client_frozen, w.layouts.get(c))
+
+            arrivals = sorted((self.client(c).compute_s(fl("client", c, b, n).forward)
                                + self.transfer_s(c, "smashed", w.bytes_of(c, "smashed")), c, b, n)
                               for c, b, n in w.split)
             free, done = 0.0, []
             for arrive, c, b, n in arrivals:
-                mid, top, cp = self._flops("middle", b, n), self._flops("top", b, n), self.client(c)
-                free = (max(arrive, free) + self.server.compute_s(mid.forward)
-                        + self.transfer_s(c, "server_activations", w.bytes_of(c, "server_activations"))
-                        + cp.compute_s(top.total) + self.transfer_s(c, "top_grad", w.bytes_of(c, "top_grad"))
-                        + self.server.compute_s(mid.backward))
+                cp = self.client(c)
+                if self.m:   # U-shape: the server holds a client's batch from its middle forward to backward
+                    mid = fl("middle", c, b, n)
+                    free = (max(arrive, free) + self.server.compute_s(mid.forward)
+                            + self.transfer_s(c, "server_activations", w.bytes_of(c, "server_activations"))
+                            + cp.compute_s(fl("top", c, b, n).total)
+                            + self.transfer_s(c, "top_grad", w.bytes_of(c, "top_grad"))
+                            + self.server.compute_s(mid.backward))
+                else:
+                    free = max(arrive, free) + self.server.compute_s(fl("server", c, b, n).total)
                 done.append(free + self.transfer_s(c, "grad", w.bytes_of(c, "grad"))
-                            + cp.compute_s(self._flops("client", b, n).backward))
+                            + cp.compute_s(fl("client", c, b, n).backward))
             t += max(done)
-            self.client_flops += sum(self._flops("client", b, n).total + self._flops("top", b, n).total
-                                     for _, b, n in w.split)
-        elif w.split:   # clients in parallel; the server takes the batches in arrival order
-            fz, lay = w.client_frozen, w.layouts
-            arrivals = sorted((self.client(c).compute_s(self._flops("client", b, n, fz, lay.get(c)).forward)
-                               + self.transfer_s(c, "smashed", w.bytes_of(c, "smashed")), c, b, n)
-                              for c, b, n in w.split)
-            free, done = 0.0, []
-            for arrive, c, b, n in arrivals:
-                free = max(arrive, free) + self.server.compute_s(self._flops("server", b, n, fz, lay.get(c)).total)
-                done.append(free + self.transfer_s(c, "grad", w.bytes_of(c, "grad"))
-                            + self.client(c).compute_s(self._flops("client", b, n, fz, lay.get(c)).backward))
-            t += max(done)
-            self.client_flops += sum(self._flops("client", b, n, fz, lay.get(c)).total for c, b, n in w.split)
+            self.client_flops += sum(fl("client", c, b, n).total + (fl("top", c, b, n).total if self.m else 0)
+                                     for c, b, n in w.split)
         t += max((self.transfer_s(c, "adapter_up", w.bytes_of(c, "adapter_up")) for c in cids), default=0.0)
         t += max((self.transfer_s(c, "adapter_down", w.bytes_of(c, "adapter_down")) for c in cids), default=0.0)
         return t

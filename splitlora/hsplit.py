@@ -11,6 +11,8 @@ parameter counts use r.
 The server keeps one server-side adapter (SFL-V2) for blocks [min k, L); client i runs it from its own
 k_i. A block that is client-side for one client and server-side for another has several copies; at
 an aggregation every client counts with the copy it trained through (its own, or the server's).
+U-shaped (`model.top_layers` = m): every client also holds blocks [L − m, L) and the head (their cost
+and memory count against its budget, their ranks come from its budget), the server blocks [min k, L − m).
 
 `hsplitlora`: noise-free aggregation. Per module, the copies are stacked (`hetero.stack`) into
 ΔW = Σ_i p_i s B_i A_i exactly; ΔW is folded into the frozen base weight, which every copy shares,
@@ -36,7 +38,7 @@ from safetensors.torch import save_file
 from . import hetero
 from .checkpoint import atomic_directory
 from .cost import Profile, Shapes, part_flops, part_memory_bytes
-from .split import ModelPart, family_of, make_part
+from .split import ModelPart, UPart, family_of, make_part
 from .roles import Client, MainServer
 from .strategies import _MODULE_KEY, STRATEGIES, SplitLoRA
 
@@ -72,6 +74,7 @@ class HSplitLoRA(SplitLoRA):
         super().__init__(setup)   # a uniform split at model.split_layer; replaced below
         self.shapes = Shapes.from_model(setup.template)
         self.layers = len(self.shapes.blocks)
+        self.top = self.layers - setup.top_layers   # U-shape: blocks [top, L) and the head stay on every client
         self.profiles = [profiles[i % len(profiles)] for i in range(setup.num_clients)]
         config = setup.template.peft_config["default"]
         self.batch, self.length, self.rank, self.max_rank = batch_size, max_length, rank, config.r
@@ -98,10 +101,13 @@ class HSplitLoRA(SplitLoRA):
         where known, else lora.rank) fits the step time and the memory; if none fits, an error at the
         start (`strict`) and the shallowest allowed split during a run."""
         s = shapes or self.shapes
-        cum = [part_flops(s, 0, k, False, self.batch, self.length, False).total for k in range(self.layers)]
-        mem = [part_memory_bytes(0, 0, s, 0, k, False, self.batch, self.length) for k in range(self.layers)]
+        u = self.top < self.layers
+        top_flops = part_flops(s, self.top, self.layers, True, self.batch, self.length, True).total if u else 0
+        top_mem = part_memory_bytes(0, 0, s, self.top, self.layers, True, self.batch, self.length) if u else 0
+        cum = [part_flops(s, 0, k, False, self.batch, self.length, False).total + top_flops for k in range(self.top)]
+        mem = [part_memory_bytes(0, 0, s, 0, k, False, self.batch, self.length) + top_mem for k in range(self.top)]
         lo, hi = self.split_range
-        fits = [k for k in range(lo, min(hi, self.layers - 1) + 1)
+        fits = [k for k in range(lo, min(hi, self.top - 1) + 1)
                 if cum[k] <= p.flops * self.client_step_s and mem[k] <= p.memory_gb * 2**30]
         if not fits and not strict:
             return lo
@@ -113,7 +119,7 @@ class HSplitLoRA(SplitLoRA):
     def _ranks_for(self, cid: int, importance: dict[str, float]) -> dict[tuple[int, str], int]:
         """Ranks of client cid's client-side modules: hsplit.rank per module on the strongest device,
         scaled by this device's compute, spread by importance."""
-        shapes = {mod: s for mod, s in self._module_shapes().items() if mod[0] < self.splits[cid]}
+        shapes = {mod: s for mod, s in self._module_shapes().items() if self._client_side(cid, mod[0])}
         strongest = max(p.flops for p in self.profiles)
         budget = int(self.rank * sum(i + o for i, o in shapes.values()) * self.profiles[cid].flops / strongest)
         budget = max(budget, sum(i + o for i, o in shapes.values()))   # at least rank 1 everywhere
@@ -121,6 +127,9 @@ class HSplitLoRA(SplitLoRA):
         got = hetero.allocate_ranks({k: importance.get(k, 0.0) for k in names}, budget,
                                     {k: shapes[m] for k, m in names.items()}, r_min=1, r_max=self.max_rank)
         return {names[k]: r for k, r in got.items()}
+
+    def _client_side(self, cid: int, block: int) -> bool:
+        return block < self.splits[cid] or block >= self.top
 
     # -- parts ----------------------------------------------------------------------------------------
     def _base_weights(self) -> dict[tuple[int, str], torch.Tensor]:
@@ -139,10 +148,13 @@ class HSplitLoRA(SplitLoRA):
         copy's rank, and the masks that keep every copy at its rank. Data streams and compute counters
         carry over (the parts are rebuilt when a split changes)."""
         for i, c in enumerate(self.clients):
-            part = make_part(self.s.template, 0, self.splits[i]).replicate()
+            part = make_part(self.s.template, 0, self.splits[i])
+            if self.top < self.layers:
+                part = UPart(part, make_part(self.s.template, self.top, self.layers))
+            part = part.replicate()
             old, c.client = c.client, Client(i, part, c.client.stream, self.s.optim, self.s.privacy, self.s.seed)
             c.client.compute_s, c.client.noise = old.compute_s, old.noise
-        server = make_part(self.s.template, min(self.splits), self.layers).replicate()
+        server = make_part(self.s.template, min(self.splits), self.top).replicate()
         compute_s = self.server.compute_s
         self.server = MainServer([server], self.s.optim)
         self.server.compute_s = compute_s
@@ -194,7 +206,8 @@ class HSplitLoRA(SplitLoRA):
         if getattr(self, "_layouts_for", None) is not self.ranks:
             self._layouts = {}
             for i, k in enumerate(self.splits):
-                blocks = [[dataclasses.replace(lin, rank=(self.ranks[i][(b, lin.name)] if b < k else self.max_rank))
+                blocks = [[dataclasses.replace(lin, rank=(self.ranks[i][(b, lin.name)] if self._client_side(i, b)
+                                                          else self.max_rank))
                            if lin.rank else lin for lin in blk] for b, blk in enumerate(self.shapes.blocks)]
                 self._layouts[i] = (k, dataclasses.replace(self.shapes, blocks=blocks))
             self._layouts_for = self.ranks
@@ -281,7 +294,8 @@ class HSplitLoRA(SplitLoRA):
         return sum(r * sum(shapes[mod]) for mod, r in self.ranks[cid].items())
 
     def trainable_counts(self):
-        server = sum(self.max_rank * sum(s) for mod, s in self._module_shapes().items() if mod[0] >= min(self.splits))
+        server = sum(self.max_rank * sum(s) for mod, s in self._module_shapes().items()
+                     if min(self.splits) <= mod[0] < self.top)
         return max(self.client_trainable(i) for i in range(len(self.clients))), server
 
     def extra_metrics(self) -> dict:

@@ -154,12 +154,14 @@ class Client:
         self.compute_s += time.perf_counter() - t0
         return {"activations_grad": grad}, loss.item()
 
-    def backward(self, activations_grad: torch.Tensor, global_step: int) -> None:
-        """Finish backpropagation with the server's gradient and update the client-side adapter."""
+    def backward(self, activations_grad: torch.Tensor | None, global_step: int) -> None:
+        """Finish backpropagation with the server's gradient and update the client-side adapter. None: the
+        bottom has nothing to train (DLoRA killed it all), only a U-shaped client's top steps."""
         if self._activations is None:
             raise RuntimeError(f"client {self.cid}: backward() without a pending forward()")
         t0 = time.perf_counter()
-        self._activations.backward(activations_grad)
+        if activations_grad is not None:
+            self._activations.backward(activations_grad)
         self._activations = None
         self.learner.step(global_step)
         self.compute_s += time.perf_counter() - t0
@@ -257,22 +259,26 @@ class MainServer:
         learner = self.learner_for(cid)
         learner.part.train()
         x = msg["activations"].detach().requires_grad_(True)
-        out = learner.part(x, msg["attention_mask"].long())
+        out = self.views.get(cid, learner.part)(x, msg["attention_mask"].long())
         self._middle[cid] = (x, out)
         self.compute_s += time.perf_counter() - t0
         return {"activations": out.detach()}
 
-    def middle_backward(self, cid: int, grad: torch.Tensor, global_step: int) -> dict[str, torch.Tensor]:
+    def middle_backward(self, cid: int, grad: torch.Tensor, global_step: int, return_grad: bool = True
+                        ) -> dict[str, torch.Tensor]:
         """U-shape: the gradient of the server's output in; the server adapter steps; the gradient of
-        the client's smashed activations out."""
+        the client's smashed activations out (not computed without `return_grad`)."""
         if cid not in self._middle:
             raise RuntimeError(f"server: middle_backward() for client {cid} without a middle_forward()")
         t0 = time.perf_counter()
         x, out = self._middle.pop(cid)
-        out.backward(grad)
-        self.learner_for(cid).step(global_step)
+        learner = self.learner_for(cid)
+        inputs = [x] if return_grad else []
+        inputs += [p for p in self.views.get(cid, learner.part).trainable_parameters() if p.requires_grad]
+        torch.autograd.backward(out, grad, inputs=inputs)
+        learner.step(global_step)
         self.compute_s += time.perf_counter() - t0
-        return {"activations_grad": x.grad}
+        return {"activations_grad": x.grad if return_grad else None}
 
     def adapter_states(self) -> list[dict[str, torch.Tensor]]:
         return [lr.part.adapter_state() for lr in self.learners]

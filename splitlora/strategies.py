@@ -181,11 +181,18 @@ class Strategy:
         self.dropouts = state["dropouts"]
 
 
+def _whole_model_only(setup: Setup, name: str) -> None:
+    if setup.top_layers:
+        raise ValueError(f"model.top_layers: {name} trains the whole model in one place; the U-shaped split is "
+                         "for the split strategies (splitlora, sl, dlora, hsplitlora, hetlora)")
+
+
 class CenLoRA(Strategy):
     name = "cenlora"
 
     def __init__(self, setup: Setup):
         super().__init__(setup)
+        _whole_model_only(setup, self.name)
         if setup.remote is not None:
             raise ValueError("strategy.name: cenlora pools the data in one place; it has no deployment")
         pooled = [f for feats in setup.client_features for f in feats]
@@ -211,6 +218,7 @@ class FedLoRA(Strategy):
 
     def __init__(self, setup: Setup):
         super().__init__(setup)
+        _whole_model_only(setup, self.name)
         self.clients = setup.clients(full_part(setup.template))
 
     def step(self, t):
@@ -232,25 +240,31 @@ class SplitLoRA(FedLoRA):
 
     def __init__(self, setup: Setup):
         Strategy.__init__(self, setup)
-        if setup.top_layers and self.name not in ("splitlora", "sl"):
-            raise ValueError(f"model.top_layers: the U-shaped split works with splitlora and sl, not {self.name}")
         client_part, server_part = (split_u(setup.template, setup.split_layer, setup.top_layers) if setup.top_layers
                                     else split_model(setup.template, setup.split_layer))
         self.clients = setup.clients(client_part)
         copies = 1 if setup.server_mode == "shared" else len(self.clients)
         self.server = MainServer([server_part.replicate() for _ in range(copies)], setup.optim)
 
+    def bottom_trains(self) -> bool:
+        """Whether the clients' bottom parts have anything to train (else no activation gradient is sent)."""
+        return True
+
     def split_step(self, client, t: int) -> tuple[float, int]:
         """Client forward -> server forward/backward -> client backward. U-shaped: client bottom ->
         server middle -> client top, loss and backward -> server middle backward -> client bottom."""
         msg, n = client.forward()
         self.work.split.append((client.cid, *msg["activations"].shape[:2]))
+        grad = self.bottom_trains()
         if self.s.top_layers:
             top_grad, loss = client.top_step(self.server.middle_forward(client.cid, msg))
-            reply = self.server.middle_backward(client.cid, top_grad["activations_grad"], t)
+            reply = self.server.middle_backward(client.cid, top_grad["activations_grad"], t, return_grad=grad)
         else:
-            reply, loss = self.server.train_step(client.cid, msg, t)
-        client.backward(reply["activations_grad"], t)
+            reply, loss = self.server.train_step(client.cid, msg, t, return_grad=grad)
+        if grad:
+            client.backward(reply["activations_grad"], t)
+        elif self.s.top_layers:   # the client's top may still train
+            client.backward(None, t)
         return loss, n
 
     def step(self, t):
@@ -333,8 +347,9 @@ class DLoRA(SplitLoRA):
     At every aggregation after `dlora.warmup_steps`, each live LoRA module of the global client
     adapter (its A and B together) whose relative change since the previous aggregation,
     ||θ_now − θ_prev|| / ||θ_prev||, is below `dlora.threshold` is killed on every client: no
-    gradient, no optimizer state, not sent at aggregation; if every client module is dead, clients
-    skip their backward pass and the server sends no activation gradient. Every
+    gradient, no optimizer state, not sent at aggregation; if every module of the clients' bottom part
+    is dead, clients skip their bottom backward pass and the server sends no activation gradient (a
+    U-shaped client's top still trains what is alive there and sends the server its gradient). Every
     `dlora.revive_interval` steps all killed modules train again and are judged anew at the next
     aggregations. Killed sets are the same on every client, so FedAvg stays over like tensors."""
 
@@ -349,6 +364,8 @@ class DLoRA(SplitLoRA):
         self.modules: dict[str, list[str]] = {}
         for k in keys:
             self.modules.setdefault(k.rsplit(".lora_", 1)[0], []).append(k)
+        part = self.clients[0].client.part
+        self.bottom = {k.rsplit(".lora_", 1)[0] for k in getattr(part, "bottom", part).adapter}   # U: not the top
         self.killed: set[str] = set()
         self.previous: dict[str, torch.Tensor] | None = None   # global client adapter at the last aggregation
         self.events: list[dict] = []                            # {"step", "killed" | "revived": [...]}
@@ -368,13 +385,8 @@ class DLoRA(SplitLoRA):
         for c in self.clients:
             c.client.set_frozen(self.frozen_keys())
 
-    def split_step(self, client, t):
-        if len(self.killed) < len(self.modules):
-            return super().split_step(client, t)
-        msg, n = client.forward()   # nothing to train on the client: no gradient comes back
-        self.work.split.append((client.cid, *msg["activations"].shape[:2]))
-        _, loss = self.server.train_step(client.cid, msg, t, return_grad=False)
-        return loss, n
+    def bottom_trains(self) -> bool:
+        return not self.bottom <= self.killed
 
     def step(self, t):
         result = super().step(t)

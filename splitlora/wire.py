@@ -138,9 +138,11 @@ class LinkedClient:
         msg, n = self.client.forward()
         return self.link.up(msg, self.cid, "smashed"), n
 
-    def backward(self, activations_grad: torch.Tensor, global_step: int) -> None:
-        grad = self.link.down({"activations_grad": activations_grad}, self.cid, "grad")["activations_grad"]
-        self.client.backward(grad, global_step)
+    def backward(self, activations_grad: torch.Tensor | None, global_step: int) -> None:
+        """The activation gradient down (None: nothing is sent, the client only steps its top)."""
+        if activations_grad is not None:
+            activations_grad = self.link.down({"activations_grad": activations_grad}, self.cid, "grad")["activations_grad"]
+        self.client.backward(activations_grad, global_step)
 
     def local_step(self, global_step: int) -> tuple[float, int]:
         return self.client.local_step(global_step)

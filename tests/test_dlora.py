@@ -1,6 +1,6 @@
 """DLoRA's Kill & Revive: a killed client-side adapter gets no update, no optimizer state and sends no
-bytes; with every client adapter dead, no gradient comes back and the client computes no backward; a
-revived adapter trains again."""
+bytes; with every client adapter dead, no gradient comes back and the client computes no backward (U-shaped:
+with the bottom dead, the top still trains); a revived adapter trains again."""
 
 from __future__ import annotations
 
@@ -80,6 +80,38 @@ def test_revived_modules_train_again(make_config):
     s.step(3)
     moved = _client_adapters(s)[0]
     assert all(not torch.equal(frozen[0][k], moved[k]) for k in s.modules[sorted(s.modules)[0]])
+
+
+def test_ushaped_dead_bottom_gets_no_gradient_while_the_top_trains(make_config):
+    """U-shaped: with every bottom module killed and the top alive, no activation gradient comes down
+    and the bottom stays put, while the top and the server-side adapter still train; the cost model
+    prices no bottom backward and no server input gradient. With the top killed too, the top still
+    sends the server its gradient."""
+    run = build_run(make_config({**DLORA, "dlora.threshold": 0.0, "model.top_layers": 1, "model.split_layer": 1}))
+    s = run.strategy
+    part = s.clients[0].client.part
+    bottom = {k.rsplit(".lora_", 1)[0] for k in part.bottom.adapter}
+    top = {k.rsplit(".lora_", 1)[0] for k in part.top.adapter}
+    assert s.bottom == bottom and bottom and top and bottom | top == set(s.modules)
+    s.step(0)
+    run.cost.step_seconds(s.take_work())
+    flops_live = run.cost.client_flops   # device FLOPs of a step with everything alive
+    for killed in (bottom, bottom | top):
+        s.killed = set(killed)
+        s._apply()
+        before, server = _client_adapters(s), s.server.adapter_states()[0]
+        s.step(1)
+        work = s.take_work()
+        kinds = {kind for _, kind, _ in work.messages}
+        assert "grad" not in kinds and {"smashed", "server_activations", "top_grad"} <= kinds
+        for b, a in zip(before, _client_adapters(s)):
+            for k in b:
+                module = k.rsplit(".lora_", 1)[0]
+                assert torch.equal(b[k], a[k]) == (module in killed), k
+        assert any(not torch.equal(v, s.server.adapter_states()[0][k]) for k, v in server.items())
+        spent = run.cost.client_flops
+        run.cost.step_seconds(work)
+        assert 0 < run.cost.client_flops - spent < flops_live
 
 
 def test_dlora_is_not_deployable(make_config):

@@ -38,10 +38,31 @@ def test_smaller_budget_gets_shallower_split_and_smaller_ranks(make_config):
     assert flops[0] < flops[1] < flops[2]
 
 
-def test_noise_free_aggregation_folds_exactly_the_weighted_sum_of_products(make_config):
+# U-shaped: every client also holds block 3 and the head; the budget that fits that gives splits 1, 2, 2
+HET_U = {**HET, "model.top_layers": 1, "hsplit.client_step_s": 2e-3}
+
+
+def test_ushaped_clients_hold_the_top_block_at_their_own_ranks(make_config):
+    s = build_run(make_config(HET_U)).strategy
+    assert s.splits == [1, 2, 2]
+    server = _modules(s.server.learners[0].part)
+    assert {b for b, _ in server} == {1, 2}   # the middle: from the shallowest split to L - m
+    for cid, c in enumerate(s.clients):
+        mods = _modules(c.client.part)
+        assert {b for b, _ in mods} == set(range(s.splits[cid])) | {3}
+        assert set(s.ranks[cid]) == set(mods)
+    assert sum(s.ranks[0].values()) <= sum(s.ranks[2].values())
+    layouts = s.layouts()   # the cost model prices the top at the client's ranks
+    tops = [build_run(make_config(HET_U)).cost._flops("top", 2, 64, frozenset(), layouts[i]).total for i in range(3)]
+    assert tops[0] <= tops[2]
+
+
+@pytest.mark.parametrize("overrides", [HET, HET_U], ids=["split", "ushape"])
+def test_noise_free_aggregation_folds_exactly_the_weighted_sum_of_products(overrides, make_config):
     """Block 1 is client-side for two clients (own copies, ranks r_1, r_2) and server-side for the phone
-    (the server's copy): the base moves by Σ p_i s B_i A_i over the copies each client trained through."""
-    run = build_run(make_config(HET))
+    (the server's copy): the base moves by Σ p_i s B_i A_i over the copies each client trained through
+    (U-shaped: block 3 has one copy per client)."""
+    run = build_run(make_config(overrides))
     s = run.strategy
     s.step(0)
     weights = [c.num_samples for c in s.clients]

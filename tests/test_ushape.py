@@ -1,5 +1,5 @@
 """The U-shaped split: exact (losses and every LoRA gradient equal the unsplit model's), trains with
-splitlora and sl, exports one PEFT adapter, and no message the client sends carries a token id or a
+every split strategy (splitlora, sl, dlora, hsplitlora, hetlora), exports one PEFT adapter, and no message the client sends carries a token id or a
 label (which the normal split's messages do, so the check can fail)."""
 
 from __future__ import annotations
@@ -106,22 +106,66 @@ def test_no_token_or_label_leaves_a_ushaped_client(top_layers, make_config):
         assert "labels" in readable   # the normal split sends the target tokens: the check can fail
 
 
-def test_ushape_trains_and_exports_one_adapter(make_config, tmp_path):
-    for name in ("splitlora", "sl"):
-        cfg = make_config({"model.top_layers": 1, "model.split_layer": 1, "strategy.name": name, "train.max_steps": 4})
-        summary = run_training(cfg, tmp_path / name)
-        rows = read_metrics(tmp_path / name)
-        assert rows[-1]["val_loss"] < rows[0]["val_loss"]
-        adapter = exported_adapter(tmp_path / name)
-        assert len(adapter) == len(get_peft_model_state_dict(build_run(cfg).template))
-        assert summary["bytes_down"] > 0
+@pytest.mark.parametrize("name", ["dlora", "hsplitlora", "hetlora"])
+def test_no_token_or_label_leaves_a_ushaped_client_of_any_split_strategy(name, make_config):
+    run = build_run(make_config({**SPLIT_STRATEGIES[name], "model.top_layers": 1, "model.split_layer": 1}))
+    s = run.strategy
+    link = RecordingLink()
+    for c in s.clients:
+        c.link = link
+    s.s.link = link
+    for t in range(2):
+        s.step(t)
+    assert _readable(link.sent, set(range(run.template.get_base_model().config.vocab_size))) == []
+    kinds = {kind for _, kind, _ in link.take_log()}
+    assert {"smashed", "top_grad", "adapter_up"} <= kinds and "labels" not in str(link.sent)
+
+
+SPLIT_STRATEGIES = {
+    "splitlora": {}, "sl": {"strategy.name": "sl"},
+    "dlora": {"strategy.name": "dlora", "dlora.warmup_steps": 0},
+    "hsplitlora": {"strategy.name": "hsplitlora", "strategy.num_clients": 3, "strategy.aggregation_interval": 2,
+                   "train.eval_interval": 2, "lora.rank": 8, "cost.clients": ["phone", "edge", "laptop"],
+                   "hsplit.client_step_s": 2e-3, "hsplit.max_split_layer": 3},   # U-shaped: splits 1, 2, 2
+}
+SPLIT_STRATEGIES["hetlora"] = {**SPLIT_STRATEGIES["hsplitlora"], "strategy.name": "hetlora"}
+
+
+@pytest.mark.parametrize("name", list(SPLIT_STRATEGIES))
+def test_ushape_trains_and_exports_one_adapter(name, make_config, tmp_path):
+    """Every split strategy trains U-shaped and exports one PEFT adapter of the whole model, whose
+    validation loss (the exported adapter on the base, unsplit) is the run's final one."""
+    from peft import PeftModel
+
+    from splitlora import data as D
+    from splitlora.models import tiny_model
+
+    cfg = make_config({**SPLIT_STRATEGIES[name], "model.top_layers": 1, "model.split_layer": 1, "train.max_steps": 4})
+    summary = run_training(cfg, tmp_path / name)
+    rows = read_metrics(tmp_path / name)
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"]
+    assert summary["bytes_down"] > 0 and summary["client_flops"] > 0
+    run = build_run(cfg)
+    model = PeftModel.from_pretrained(tiny_model("llama", seed=cfg.train.seed).model, tmp_path / name / "adapter")
+    assert set(get_peft_model_state_dict(model)) == set(get_peft_model_state_dict(run.template))
+    model.eval()
+    total = tokens = 0
+    with torch.no_grad():
+        for i in range(0, len(run.val_features), 8):
+            batch = D.collate(run.val_features[i:i + 8], run.tokenizer.pad_token_id)
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total += lm_loss(model(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits,
+                             batch["labels"], 0.0).item() * n
+            tokens += n
+    assert total / tokens == pytest.approx(summary["final_val_loss"], rel=1e-4)
 
 
 def test_ushape_errors_name_the_fields(make_config, tmp_path):
     with pytest.raises(ConfigError, match="model.split_layer / model.top_layers"):
         build_run(make_config({"model.top_layers": 3, "model.split_layer": 1}))
-    with pytest.raises(ConfigError, match="model.top_layers: the U-shaped split works with splitlora and sl"):
-        build_run(make_config({"model.top_layers": 1, "model.split_layer": 1, "strategy.name": "dlora"}))
+    for name in ("fedlora", "cenlora"):
+        with pytest.raises(ConfigError, match=f"model.top_layers: {name} trains the whole model in one place"):
+            build_run(make_config({"model.top_layers": 1, "model.split_layer": 1, "strategy.name": name}))
 
 
 def test_deployed_ushape_equals_simulator_and_sends_no_tokens(make_config, tmp_path, monkeypatch):
