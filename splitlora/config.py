@@ -84,15 +84,18 @@ class DeploySection(_Section):
 
 
 class PrivacySection(_Section):
-    """Defense on what clients send (smashed activations; under the U-shape also the gradient up)."""
+    """Defense on what clients send: smashed activations, and under the U-shape the gradient up."""
 
     clip_norm: float | None = Field(None, gt=0)    # per-example L2 clipping; None: no clipping, no noise
     noise_multiplier: float = Field(0.0, ge=0)     # Gaussian noise std = noise_multiplier x clip_norm
+    grad_clip_norm: float | None = Field(None, gt=0)   # the same for the gradient a U-shaped client sends up
+    grad_noise_multiplier: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")
     def _noise_needs_clip(self):
-        if self.noise_multiplier > 0 and self.clip_norm is None:
-            raise ValueError("privacy.noise_multiplier needs privacy.clip_norm (the noise is scaled by it)")
+        for noise, clip in (("noise_multiplier", "clip_norm"), ("grad_noise_multiplier", "grad_clip_norm")):
+            if getattr(self, noise) > 0 and getattr(self, clip) is None:
+                raise ValueError(f"privacy.{noise} needs privacy.{clip} (the noise is scaled by it)")
         return self
 
 

@@ -32,27 +32,39 @@ class OptimConfig:
     label_smoothing: float
 
 
+def clip_and_noise(t: torch.Tensor, clip_norm: float, noise_multiplier: float, gen: torch.Generator) -> torch.Tensor:
+    """Each example's tensor scaled to an L2 norm of at most `clip_norm`, then Gaussian noise of std
+    `noise_multiplier` x `clip_norm` on every value."""
+    norms = t.flatten(1).norm(dim=1).clamp_min(1e-12)
+    t = t * (clip_norm / norms).clamp(max=1.0).view(-1, *([1] * (t.dim() - 1)))
+    if noise_multiplier > 0:
+        t = t + torch.randn(t.shape, generator=gen) * (noise_multiplier * clip_norm)
+    return t
+
+
 @dataclass(frozen=True)
 class Privacy:
-    """What a client does to what it sends: each example's tensor is scaled to an L2 norm of at most
-    `clip_norm`, then Gaussian noise of std `noise_multiplier` x `clip_norm` is added to every value.
-    Applied in the client's graph (the client's own backward passes through the clipping; the noise
-    is a constant), to the smashed activations and, under the U-shape, to the gradient it sends up."""
+    """What a client does to what it sends: clipping and noise (`clip_and_noise`) on its smashed
+    activations (`clip_norm`, `noise_multiplier`; applied in the client's graph, so its own backward
+    passes through the clipping) and, under the U-shape, on the gradient it sends up (`grad_clip_norm`,
+    `grad_noise_multiplier`: a gradient's scale is not an activation's, so it has its own clip norm)."""
 
     clip_norm: float | None = None
     noise_multiplier: float = 0.0
+    grad_clip_norm: float | None = None
+    grad_noise_multiplier: float = 0.0
 
     @property
     def active(self) -> bool:
         return self.clip_norm is not None
 
     def apply(self, t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        norms = t.flatten(1).norm(dim=1).clamp_min(1e-12)
-        scale = (self.clip_norm / norms).clamp(max=1.0).view(-1, *([1] * (t.dim() - 1)))
-        t = t * scale
-        if self.noise_multiplier > 0:
-            t = t + torch.randn(t.shape, generator=gen) * (self.noise_multiplier * self.clip_norm)
-        return t
+        return clip_and_noise(t, self.clip_norm, self.noise_multiplier, gen) if self.active else t
+
+    def apply_grad(self, t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        if self.grad_clip_norm is None:
+            return t
+        return clip_and_noise(t, self.grad_clip_norm, self.grad_noise_multiplier, gen)
 
 
 def lr_at(step: int, cfg: OptimConfig) -> float:
@@ -150,7 +162,7 @@ class Client:
         x = activations.detach().requires_grad_(True)
         loss = lm_loss(self.part.top(x, mask), labels, self.learner.cfg.label_smoothing)
         loss.backward()
-        grad = self.privacy.apply(x.grad, self.noise) if self.privacy.active else x.grad
+        grad = self.privacy.apply_grad(x.grad, self.noise)
         self.compute_s += time.perf_counter() - t0
         return {"activations_grad": grad}, loss.item()
 

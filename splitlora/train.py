@@ -94,7 +94,7 @@ def _setup(cfg: Config, template, tokenizer, client_features, remote=None, link=
         split_layer=cfg.model.split_layer, num_clients=cfg.strategy.num_clients,
         aggregation_interval=cfg.strategy.aggregation_interval, server_mode=cfg.strategy.server_mode,
         top_layers=cfg.model.top_layers,
-        privacy=Privacy(cfg.privacy.clip_norm, cfg.privacy.noise_multiplier),
+        privacy=Privacy(**cfg.privacy.model_dump()),
         link=link if link is not None else Link(cfg.wire.precision), remote=remote)
 
 

@@ -1,5 +1,6 @@
 """The defense on smashed data: per-example clipping, then Gaussian noise scaled by the clip norm, on
-what clients send (activations; under the U-shape also the gradient up). Off by default."""
+what clients send (activations; under the U-shape also the gradient up, with its own clip norm and
+multiplier). Off by default."""
 
 from __future__ import annotations
 
@@ -39,10 +40,31 @@ def test_messages_are_clipped_and_noised_and_training_runs(make_config, tmp_path
     for name, over in (("clip", {"privacy.clip_norm": clip}),
                        ("noise", {"privacy.clip_norm": clip, "privacy.noise_multiplier": 0.5}),
                        ("ushape", {"privacy.clip_norm": clip, "privacy.noise_multiplier": 0.5,
+                                   "privacy.grad_clip_norm": 1e-3, "privacy.grad_noise_multiplier": 0.5,
                                    "model.top_layers": 1, "model.split_layer": 1})):
         run_training(make_config({**over, "train.max_steps": 3}), tmp_path / name)
         rows = read_metrics(tmp_path / name)
         assert all(math.isfinite(r["train_loss"]) for r in rows[1:]), name
+
+
+def _top_grad(run):
+    """The gradient client 0 of a U-shaped run sends up for its first batch."""
+    s = run.strategy
+    msg, _ = s.clients[0].forward()
+    return s.clients[0].top_step(s.server.middle_forward(0, msg))[0]["activations_grad"]
+
+
+def test_the_gradient_up_has_its_own_clip_norm_and_noise(make_config):
+    u = {"model.top_layers": 1, "model.split_layer": 1}
+    clean = _top_grad(build_run(make_config(u)))
+    # the activations' clip norm and noise leave the gradient alone (a gradient's scale is not an activation's)
+    assert torch.allclose(_top_grad(build_run(make_config({**u, "privacy.clip_norm": 1e6}))), clean)
+    norms = clean.flatten(1).norm(dim=1)
+    clip = float(norms.min()) / 2
+    clipped = _top_grad(build_run(make_config({**u, "privacy.grad_clip_norm": clip})))
+    assert torch.allclose(clipped.flatten(1).norm(dim=1), torch.full_like(norms, clip), rtol=1e-4)
+    noisy = _top_grad(build_run(make_config({**u, "privacy.grad_clip_norm": clip, "privacy.grad_noise_multiplier": 2.0})))
+    assert (noisy - clipped).std().item() == pytest.approx(2 * clip, rel=0.05)
 
 
 def test_noise_is_reproducible_and_resumes_exactly(make_config, tmp_path):
@@ -57,6 +79,8 @@ def test_noise_is_reproducible_and_resumes_exactly(make_config, tmp_path):
 def test_noise_needs_a_clip_norm(make_config):
     with pytest.raises(ConfigError, match="privacy.noise_multiplier needs privacy.clip_norm"):
         make_config({"privacy.noise_multiplier": 1.0})
+    with pytest.raises(ConfigError, match="privacy.grad_noise_multiplier needs privacy.grad_clip_norm"):
+        make_config({"privacy.grad_noise_multiplier": 1.0, "privacy.clip_norm": 1.0})
 
 
 def test_the_server_never_learns_a_deployed_clients_noise(make_config):
