@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .roles import Privacy
+from .roles import clip_and_noise
 
 
 @torch.no_grad()
@@ -41,10 +41,50 @@ def activations(model, features: list[dict], depth: int, pad_id: int, batch: int
             torch.cat([pad(m, False) for m in masks]))
 
 
+def top_gradients(model, features: list[dict], top_layers: int, pad_id: int, batch: int, smoothing: float
+                  ) -> tuple[torch.Tensor, ...]:
+    """What a U-shaped client with the last `top_layers` blocks sends up, batch by batch as in training:
+    (gradients of its loss w.r.t. the server's output [N, T, H], the token each position is trained to
+    predict [N, T], mask of the positions with one [N, T])."""
+    from . import data as D
+    from .roles import lm_loss
+    from .split import make_part, num_layers
+
+    total = num_layers(model.get_base_model().config)
+    bottom, top = make_part(model, 0, total - top_layers), make_part(model, total - top_layers, total)
+    bottom.eval()
+    top.eval()
+    grads, ids, masks = [], [], []
+    for i in range(0, len(features), batch):
+        b = D.collate(features[i:i + batch], pad_id)
+        with torch.no_grad():
+            x = bottom(b["input_ids"], b["attention_mask"])
+        x.requires_grad_(True)
+        (g,) = torch.autograd.grad(lm_loss(top(x, b["attention_mask"]), b["labels"], smoothing), x)
+        target = torch.nn.functional.pad(b["labels"][:, 1:], (0, 1), value=-100)   # position t predicts t + 1
+        grads.append(g)
+        ids.append(target.clamp_min(0))
+        masks.append(target != -100)
+    t = max(g.shape[1] for g in grads)
+    pad = lambda x, v: torch.nn.functional.pad(x, (0, 0, 0, t - x.shape[1]) if x.dim() == 3 else (0, t - x.shape[1]), value=v)  # noqa: E731
+    return (torch.cat([pad(g, 0.0) for g in grads]), torch.cat([pad(x, 0) for x in ids]),
+            torch.cat([pad(m, False) for m in masks]))
+
+
 def defend(acts: torch.Tensor, clip: float, noise: float, seed: int) -> torch.Tensor:
     if noise == 0 and clip <= 0:
         return acts
-    return Privacy(clip, noise).apply(acts, torch.Generator().manual_seed(seed))
+    return clip_and_noise(acts, clip, noise, torch.Generator().manual_seed(seed))
+
+
+def head_projection(received: torch.Tensor, norm_weight: torch.Tensor, head_weight: torch.Tensor) -> torch.Tensor:
+    """Label recovery from a gradient with no training: the loss gradient at the logits is p − y, most
+    negative at the label; pulled back through the public final norm's scale and LM head (and, roughly,
+    the top blocks' residual path), the label's row of the head scores lowest."""
+    out = []
+    for chunk in torch.split(received * norm_weight, 512):
+        out.append((chunk @ head_weight.T).argmin(dim=1))
+    return torch.cat(out)
 
 
 def nearest_neighbour(public: torch.Tensor, public_ids: torch.Tensor, received: torch.Tensor) -> torch.Tensor:
@@ -78,19 +118,23 @@ def learned_inversion(public: torch.Tensor, public_ids: torch.Tensor, received: 
 
 def attack(run_dir: str | Path, output: str | Path, depths=(1, 3, 6), noise_levels=(0.0, 0.001, 0.005),
            clip_norm: float | None = None, victims: int = 32, public: int = 400, epochs: int = 30,
-           log=print) -> dict:
+           top_layers=(1,), grad_noise_levels=None, grad_clip_norm: float | None = None, log=print) -> dict:
+    """Both channels a curious server reads: the smashed activations at each split depth, and (U-shape)
+    the gradient a client with the last m blocks sends up, for m in `top_layers`. The gradient's clip
+    norm is the run's privacy.grad_clip_norm, else the median per-example norm of the public gradients."""
     from peft import PeftModel
 
     from . import data as D
     from .config import load_config, resolve_path
     from .models import load_model
-    from .split import num_layers
+    from .split import family_of, num_layers
     from .train import load_examples
 
     run_dir, out = Path(run_dir), Path(output)
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_config(run_dir / "config.yaml")
     clip = clip_norm if clip_norm is not None else (cfg.privacy.clip_norm or 1000.0)
+    grad_noise_levels = noise_levels if grad_noise_levels is None else grad_noise_levels
     base = load_model(cfg.model.name, seed=cfg.train.seed)
     victim = PeftModel.from_pretrained(load_model(cfg.model.name, seed=cfg.train.seed).model, run_dir / "adapter")
     tok, pad = base.tokenizer, base.tokenizer.pad_token_id
@@ -101,22 +145,42 @@ def attack(run_dir: str | Path, output: str | Path, depths=(1, 3, 6), noise_leve
     from .lora import apply_lora, lora_config
     public_model = apply_lora(base.model, lora_config(base.model.config, 1, 1, 0.0), 0)   # B = 0: the base
     total = num_layers(base.model.config)
-    results = []
+    results, scales = [], {"activations": {}, "gradient_up": {}}
+
+    def score(row, known, known_ids, sent, truth, extra=None):
+        row.update({"tokens": int(truth.numel()),
+                    "nearest_neighbour": float((nearest_neighbour(known, known_ids, sent) == truth).float().mean()),
+                    "learned_inversion": float((learned_inversion(known, known_ids, sent, epochs) == truth).float().mean()),
+                    **(extra or {})})
+        results.append(row)
+        log(f"attack: {row['channel']} " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                                    for k, v in row.items() if k not in ("channel", "tokens")))
+
     for d in [d for d in depths if 1 <= d < total]:
         pa, pi, pm = activations(public_model, public_feats, d, pad)
         va, vi, vm = activations(victim, private, d, pad)
+        scales["activations"][d] = float(va.flatten(1).norm(dim=1).median())
         for noise in noise_levels:
-            sent = defend(va, clip, noise, seed=1)[vm]
-            known = defend(pa, clip, noise, seed=2)[pm]
-            truth = vi[vm]
-            row = {"depth": d, "noise_multiplier": noise, "clip_norm": clip, "tokens": int(truth.numel()),
-                   "nearest_neighbour": float((nearest_neighbour(known, pi[pm], sent) == truth).float().mean()),
-                   "learned_inversion": float((learned_inversion(known, pi[pm], sent, epochs) == truth).float().mean())}
-            log(f"attack: depth {d}, noise {noise:g}: nearest neighbour {row['nearest_neighbour']:.3f}, "
-                f"learned {row['learned_inversion']:.3f}")
-            results.append(row)
+            score({"channel": "activations", "depth": d, "noise_multiplier": noise, "clip_norm": clip},
+                  defend(pa, clip, noise, seed=2)[pm], pi[pm], defend(va, clip, noise, seed=1)[vm], vi[vm])
+
+    mods = family_of(base.model.config).modules(base.model)
+    norm_w, head_w = (mods[n].weight.detach() for n in family_of(base.model.config).head_modules)
+    for m in [m for m in top_layers if 1 <= m < total]:
+        args = (pad, cfg.train.batch_size, cfg.train.label_smoothing)
+        pg, pi, pm = top_gradients(public_model, public_feats, m, *args)
+        vg, vi, vm = top_gradients(victim, private, m, *args)
+        gclip = grad_clip_norm or cfg.privacy.grad_clip_norm or float(pg.flatten(1).norm(dim=1).median())
+        scales["gradient_up"][m] = float(vg.flatten(1).norm(dim=1).median())
+        for noise in grad_noise_levels:
+            sent = defend(vg, gclip, noise, seed=3)[vm]
+            score({"channel": "gradient_up", "top_layers": m, "noise_multiplier": noise, "clip_norm": gclip},
+                  torch.nn.functional.normalize(defend(pg, gclip, noise, seed=4)[pm], dim=1), pi[pm],
+                  torch.nn.functional.normalize(sent, dim=1), vi[vm],
+                  {"head_projection": float((head_projection(sent, norm_w, head_w) == vi[vm]).float().mean())})
     result = {"run": str(run_dir), "model": cfg.model.name, "victim_examples": len(private),
-              "public_examples": len(public_feats), "public_text": str(public_file), "results": results}
+              "public_examples": len(public_feats), "public_text": str(public_file),
+              "median_example_norm": scales, "results": results}
     (out / "attack.json").write_text(json.dumps(result, indent=2))
     _plot(results, out / "attack.png")
     return result
@@ -128,16 +192,24 @@ def _plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for noise in sorted({r["noise_multiplier"] for r in results}):
-        rows = [r for r in results if r["noise_multiplier"] == noise]
-        for key, style in (("nearest_neighbour", "-o"), ("learned_inversion", "--s")):
-            ax.plot([r["depth"] for r in rows], [r[key] for r in rows], style, label=f"{key.replace('_', ' ')}, noise {noise:g}")
-    ax.set_xlabel("split depth (client blocks)")
-    ax.set_ylabel("tokens recovered")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    panels = [("activations", "depth", "split depth (client blocks)", "smashed activations (input tokens)"),
+              ("gradient_up", "top_layers", "client top blocks m (U-shape)", "gradient up (labels = next tokens)")]
+    panels = [p for p in panels if any(r["channel"] == p[0] for r in results)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), dpi=100, squeeze=False)
+    for ax, (channel, x, xlabel, title) in zip(axes[0], panels):
+        rows = [r for r in results if r["channel"] == channel]
+        for noise in sorted({r["noise_multiplier"] for r in rows}):
+            sub = [r for r in rows if r["noise_multiplier"] == noise]
+            for key, style in (("nearest_neighbour", "-o"), ("learned_inversion", "--s"), ("head_projection", ":^")):
+                if key in sub[0]:
+                    ax.plot([r[x] for r in sub], [r[key] for r in sub], style,
+                            label=f"{key.replace('_', ' ')}, noise {noise:g}")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("tokens recovered")
+        ax.set_title(title, fontsize=9)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

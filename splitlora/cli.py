@@ -95,6 +95,11 @@ def _parser() -> argparse.ArgumentParser:
     at.add_argument("--depths", default="1,3,6", help="split depths (client blocks), comma-separated")
     at.add_argument("--noise", default="0,0.001,0.005", help="noise multipliers, comma-separated")
     at.add_argument("--clip-norm", type=float, help="per-example clip norm (default: the run's, else 1000)")
+    at.add_argument("--top-layers", default="1", help="U-shape: client top blocks m whose gradient up is attacked "
+                    "(comma-separated; empty: none)")
+    at.add_argument("--grad-noise", help="noise multipliers on the gradient up (default: --noise)")
+    at.add_argument("--grad-clip-norm", type=float,
+                    help="clip norm of the gradient up (default: the run's, else the median public one)")
     at.add_argument("--victims", type=int, default=32, help="held-out examples to attack")
     at.add_argument("--public", type=int, default=400, help="public examples (E2E test set) the attacker uses")
     b = sub.add_parser("bench", help="benchmarks writing JSON")
@@ -200,7 +205,9 @@ def _attack(args) -> None:
     floats = lambda text: [float(x) for x in text.split(",") if x.strip()]  # noqa: E731
     result = attack(args.run_dir, args.output, depths=[int(x) for x in floats(args.depths)],
                     noise_levels=floats(args.noise), clip_norm=args.clip_norm, victims=args.victims,
-                    public=args.public, log=lambda m: print(m, file=sys.stderr))
+                    public=args.public, top_layers=[int(x) for x in floats(args.top_layers)],
+                    grad_noise_levels=None if args.grad_noise is None else floats(args.grad_noise),
+                    grad_clip_norm=args.grad_clip_norm, log=lambda m: print(m, file=sys.stderr))
     print(json.dumps(result["results"], indent=2))
 
 
