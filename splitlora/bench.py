@@ -559,3 +559,51 @@ def hetero(steps: int | None = None, workdir: str | None = None, reuse: bool = F
         "workdir": str(root),
         "configs": {k: json.loads(json.dumps(v.to_dict())) for k, v in variants.items()},
     }
+
+
+# -- noise: what the defense costs in validation loss ------------------------------------------------
+
+NOISE_DOC = """The validation-loss cost of the defense: the same config (same data, seed and steps) trained
+clean, with noise on the smashed activations (privacy.clip_norm, privacy.noise_multiplier) at each
+level, and, for a U-shaped config, with noise on the gradient up (privacy.grad_clip_norm,
+privacy.grad_noise_multiplier) at each level. Validation runs the trained global model on clean inputs
+(the noise is on what clients send during training)."""
+
+
+def noise(config: str, output_dir: str, levels=(0.005, 0.02), clip_norm: float = 1000.0, grad_levels=(),
+          grad_clip_norm: float | None = None, sets=(), reuse: bool = False, log=print) -> dict:
+    """See NOISE_DOC; runs go to output_dir/{clean, act-S, grad-S}; with `reuse`, finished runs with the
+    same config are read."""
+    import json
+    from pathlib import Path
+
+    from .compare import _same_config
+    from .config import ConfigError, load_config
+    from .train import train
+
+    root = Path(output_dir)
+    variants = {"clean": []}
+    variants.update({f"act-{s:g}": [f"privacy.clip_norm={clip_norm}", f"privacy.noise_multiplier={s}"] for s in levels})
+    if grad_levels and grad_clip_norm is None:
+        raise ConfigError("--grad-clip-norm: the gradient's noise is scaled by its clip norm (see `splitlora attack`'s "
+                          "median_example_norm)")
+    variants.update({f"grad-{s:g}": [f"privacy.grad_clip_norm={grad_clip_norm}", f"privacy.grad_noise_multiplier={s}"]
+                     for s in grad_levels})
+    runs = {}
+    for name, extra in variants.items():
+        cfg = load_config(config, [*sets, *extra])
+        if grad_levels and not cfg.model.top_layers:
+            raise ConfigError("model.top_layers: noise on the gradient up needs a U-shaped config")
+        if reuse and (root / name / "summary.json").exists() and _same_config(root / name, cfg):
+            log(f"bench noise: {name} (read from {root / name})")
+            s = json.loads((root / name / "summary.json").read_text())
+        else:
+            log(f"bench noise: {name}")
+            s = train(cfg, root / name, progress=False)
+        p = cfg.privacy
+        runs[name] = {"clip_norm": p.clip_norm, "noise_multiplier": p.noise_multiplier,
+                      "grad_clip_norm": p.grad_clip_norm, "grad_noise_multiplier": p.grad_noise_multiplier,
+                      **{k: s[k] for k in ("initial_val_loss", "final_val_loss", "step")}}
+        runs[name]["val_loss_cost"] = runs[name]["final_val_loss"] - runs["clean"]["final_val_loss"]
+    return {"benchmark": "noise", "description": NOISE_DOC, "config": str(config), "sets": list(sets),
+            "top_layers": load_config(config, list(sets)).model.top_layers, "runs": runs, "workdir": str(root)}

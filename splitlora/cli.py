@@ -1,5 +1,5 @@
 """Command line: `splitlora train`, `eval`, `score`, `serve`, `client`, `certs`, `calibrate`, `compare`, `attack` and
-`bench overhead|deploy|hetero`.
+`bench overhead|deploy|hetero|noise`.
 
 Errors a user can fix (config, model, data, split point) print one line naming the field or file
 and exit with code 2, without a traceback.
@@ -103,15 +103,22 @@ def _parser() -> argparse.ArgumentParser:
     at.add_argument("--victims", type=int, default=32, help="held-out examples to attack")
     at.add_argument("--public", type=int, default=400, help="public examples (E2E test set) the attacker uses")
     b = sub.add_parser("bench", help="benchmarks writing JSON")
-    b.add_argument("which", choices=["overhead", "deploy", "hetero"])
+    b.add_argument("which", choices=["overhead", "deploy", "hetero", "noise"])
     b.add_argument("--output", required=True, help="JSON file to write")
     b.add_argument("--model", default="smollm2-135m-instruct")
     b.add_argument("--steps", type=int,
                    help="overhead: timed steps (default 30); deploy: training steps, the first untimed (default 6)")
     b.add_argument("--split-layer", type=int, default=3)
-    b.add_argument("--workdir", help="deploy: keep the runs and logs here (default: a temporary directory)")
+    b.add_argument("--workdir", help="deploy, hetero: keep the runs and logs here (default: a temporary directory); "
+                   "noise: its runs (default runs/bench-noise)")
     b.add_argument("--repeats", type=int, default=1, help="deploy: (in-process, deployed) pairs per precision")
-    b.add_argument("--reuse", action="store_true", help="hetero: read runs already finished in --workdir")
+    b.add_argument("--reuse", action="store_true", help="hetero, noise: read runs already finished in --workdir")
+    b.add_argument("--config", default="configs/demo.yaml", help="noise: the config to train")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="noise: config overrides")
+    b.add_argument("--noise", default="0.005,0.02", help="noise: multipliers on the smashed activations")
+    b.add_argument("--clip-norm", type=float, default=1000.0, help="noise: clip norm of the activations")
+    b.add_argument("--grad-noise", default="", help="noise: multipliers on the gradient up (U-shaped configs)")
+    b.add_argument("--grad-clip-norm", type=float, help="noise: clip norm of the gradient up")
     b.add_argument("--quiet-wait", type=float, default=0, metavar="S",
                    help="deploy: before each timed run, wait up to S seconds for an idle machine")
     return p
@@ -216,6 +223,11 @@ def _bench(args) -> None:
 
     if args.which == "overhead":
         result = bench.overhead(args.model, steps=args.steps or 30, split_layer=args.split_layer)
+    elif args.which == "noise":
+        floats = lambda text: [float(x) for x in text.split(",") if x.strip()]  # noqa: E731
+        result = bench.noise(args.config, args.workdir or "runs/bench-noise", floats(args.noise), args.clip_norm,
+                             floats(args.grad_noise), args.grad_clip_norm, args.set, args.reuse,
+                             log=lambda m: print(m, file=sys.stderr))
     elif args.which == "hetero":
         result = bench.hetero(steps=args.steps, workdir=args.workdir, reuse=args.reuse,
                               log=lambda m: print(m, file=sys.stderr))

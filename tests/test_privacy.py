@@ -95,3 +95,27 @@ def test_the_server_never_learns_a_deployed_clients_noise(make_config):
     assert not torch.equal(a.noise.get_state(), b.noise.get_state())
     kind, tensors, meta = unpack(answer(a, "state_dict", {}, {}, "fp32"), 1 << 30)
     assert kind == "state" and "noise" not in join_tensors(meta["state"], tensors)
+
+
+
+def test_bench_noise_trains_each_level_and_reuses_finished_runs(tmp_path, e2e_file):
+    from conftest import write_config
+
+    from splitlora.bench import noise
+
+    config = write_config(tmp_path, e2e_file, {"model.top_layers": 1, "model.split_layer": 1, "train.max_steps": 2,
+                                               "train.eval_interval": 2})
+    out = noise(str(config), tmp_path / "runs", levels=(1.0,), clip_norm=20.0, grad_levels=(1.0,),
+                grad_clip_norm=1e-3, log=lambda m: None)
+    runs = out["runs"]
+    assert set(runs) == {"clean", "act-1", "grad-1"} and out["top_layers"] == 1
+    assert runs["act-1"]["noise_multiplier"] == 1.0 and runs["grad-1"]["grad_clip_norm"] == 1e-3
+    assert runs["clean"]["val_loss_cost"] == 0 and runs["act-1"]["final_val_loss"] != runs["clean"]["final_val_loss"]
+    assert all(r["step"] == 2 for r in runs.values())
+    seen = []
+    again = noise(str(config), tmp_path / "runs", levels=(1.0,), clip_norm=20.0, grad_levels=(1.0,),
+                  grad_clip_norm=1e-3, reuse=True, log=seen.append)
+    assert again["runs"] == runs and all("read from" in m for m in seen)
+    plain = write_config(tmp_path, e2e_file, {"train.max_steps": 2}, name="plain.yaml")
+    with pytest.raises(ConfigError, match="model.top_layers"):
+        noise(str(plain), tmp_path / "x", levels=(), grad_levels=(1.0,), grad_clip_norm=1.0, log=lambda m: None)
