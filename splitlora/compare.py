@@ -46,21 +46,27 @@ def reach(rows: list[dict], target: float) -> dict | None:
     return next((r for r in rows if r["val_loss"] is not None and r["val_loss"] <= target), None)
 
 
-def client_memory_mib(cfg: Config, name: str, template) -> float:
+def client_memory_mib(cfg: Config, name: str, template, splits: list[int] | None = None) -> float:
     """Estimated peak training memory of one client (fp32; see cost.part_memory_bytes), from the run's
-    PEFT model `template` (the same for every strategy of a comparison: loaded once)."""
+    PEFT model `template` (the same for every strategy of a comparison: loaded once): the deepest of
+    `splits` (clients with their own split points, hsplitlora/hetlora) or model.split_layer, plus a
+    U-shaped client's top blocks and head."""
     from .cost import Shapes
-    from .split import full_part, split_model
+    from .split import full_part, split_model, split_u
 
     if name == "cenlora":
         return 0.0   # the client only uploads its data
     s = Shapes.from_model(template)
-    whole = name == "fedlora"
-    part = full_part(template) if whole else split_model(template, cfg.model.split_layer)[0]
-    stop = len(s.blocks) if whole else cfg.model.split_layer
+    L, m, k = len(s.blocks), cfg.model.top_layers, max(splits) if splits else cfg.model.split_layer
+    if name == "fedlora":
+        part, spans = full_part(template), [(0, L, True)]
+    else:
+        part = split_u(template, k, m)[0] if m else split_model(template, k)[0]
+        spans = [(0, k, False)] + ([(L - m, L, True)] if m else [])
     total = sum(p.numel() for p in part.parameters())
     trainable = sum(p.numel() for p in part.trainable_parameters())
-    return part_memory_bytes(total, trainable, s, 0, stop, whole, cfg.train.batch_size, cfg.data.max_length) / 2**20
+    acts = sum(part_memory_bytes(0, 0, s, a, b, head, cfg.train.batch_size, cfg.data.max_length) for a, b, head in spans)
+    return (part_memory_bytes(total, trainable, s, 0, 0, False, 1, 1) + acts) / 2**20
 
 
 def _same_config(run_dir: Path, cfg: Config) -> bool:
@@ -147,7 +153,7 @@ def compare(cfg: Config, strategies: list[str], output: str | Path, samples: int
             "final_val_ppl": math.exp(s["final_val_loss"]),
             "client_trainable_params": s["client_trainable_params"],
             "server_trainable_params": s["server_trainable_params"],
-            "client_peak_memory_mib_est": client_memory_mib(configs[name], name, template),
+            "client_peak_memory_mib_est": client_memory_mib(configs[name], name, template, s.get("client_splits")),
             "reached_target": hit is not None,
             "sim_time_to_target_s": hit["sim_time_s"] if hit else None,
             "bytes_to_target": hit["bytes_up"] + hit["bytes_down"] if hit else None,

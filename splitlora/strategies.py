@@ -364,6 +364,8 @@ class DLoRA(SplitLoRA):
         self.modules: dict[str, list[str]] = {}
         for k in keys:
             self.modules.setdefault(k.rsplit(".lora_", 1)[0], []).append(k)
+        self._where = {m: (int(k.group(1)), k.group(2)) for m, keys in self.modules.items()
+                       for k in [_MODULE_KEY.search(keys[0])]}
         part = self.clients[0].client.part
         self.bottom = {k.rsplit(".lora_", 1)[0] for k in getattr(part, "bottom", part).adapter}   # U: not the top
         self.killed: set[str] = set()
@@ -375,11 +377,7 @@ class DLoRA(SplitLoRA):
 
     def frozen_modules(self) -> frozenset:
         """(block, layer name) of the killed modules, for the cost model."""
-        out = set()
-        for m in self.killed:
-            match = _MODULE_KEY.search(self.modules[m][0])
-            out.add((int(match.group(1)), match.group(2)))
-        return frozenset(out)
+        return frozenset(self._where[m] for m in self.killed)
 
     def _apply(self) -> None:
         for c in self.clients:

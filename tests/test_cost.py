@@ -14,6 +14,7 @@ from splitlora.config import ConfigError
 from splitlora.cost import PROFILES, CostModel, Profile, Shapes, StepWork, part_flops
 from splitlora.lora import apply_lora, lora_config
 from splitlora.models import tiny_model
+from splitlora.train import build_run
 from splitlora.split import split_model
 
 
@@ -245,3 +246,17 @@ def test_compare_reuse_reads_finished_runs(make_config, tmp_path):
     again = compare(cfg, ["cenlora", "splitlora"], tmp_path / "cmp", progress=False, reuse=True)
     assert (tmp_path / "cmp" / "splitlora" / "metrics.jsonl").stat().st_mtime_ns == stamp   # not trained again
     assert again["strategies"]["splitlora"]["final_val_loss"] == first["strategies"]["splitlora"]["final_val_loss"]
+
+
+def test_client_memory_estimate_follows_the_clients_part(make_config):
+    """Deeper splits and a U-shaped client's top blocks + head cost memory; fedlora's whole model most."""
+    from splitlora.compare import client_memory_mib
+
+    cfg = make_config({"model.split_layer": 1})
+    template = build_run(cfg).template
+    split1 = client_memory_mib(cfg, "splitlora", template)
+    split2 = client_memory_mib(cfg, "hsplitlora", template, splits=[1, 2])
+    ushape = client_memory_mib(make_config({"model.split_layer": 1, "model.top_layers": 1}), "splitlora", template)
+    whole = client_memory_mib(cfg, "fedlora", template)
+    assert client_memory_mib(cfg, "cenlora", template) == 0
+    assert 0 < split1 < split2 and split1 < ushape < whole
