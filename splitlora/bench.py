@@ -566,8 +566,39 @@ def hetero(steps: int | None = None, workdir: str | None = None, reuse: bool = F
 NOISE_DOC = """The validation-loss cost of the defense: the same config (same data, seed and steps) trained
 clean, with noise on the smashed activations (privacy.clip_norm, privacy.noise_multiplier) at each
 level, and, for a U-shaped config, with noise on the gradient up (privacy.grad_clip_norm,
-privacy.grad_noise_multiplier) at each level. Validation runs the trained global model on clean inputs
-(the noise is on what clients send during training)."""
+privacy.grad_noise_multiplier) at each level. `final_val_loss` is the run's: the trained global model
+on clean inputs; `val_loss_noisy_split` is the same model with the run's clipping and noise on the
+activations at the split, as its server-side blocks saw them in training."""
+
+
+def noisy_validation_loss(cfg, run_dir, seed: int = 0) -> float:
+    """Validation loss of a run's exported model with the run's clipping and noise on the activations at
+    the split: the inputs its server-side blocks saw in training (the clean loss is the run's own)."""
+    from pathlib import Path
+
+    from peft import PeftModel
+
+    from . import data as D
+    from .roles import clip_and_noise
+    from .split import family_of
+    from .train import load_examples, model_loss
+
+    lm = load_model(cfg.model.name, seed=cfg.train.seed)
+    model = PeftModel.from_pretrained(lm.model, Path(run_dir) / "adapter")
+    features = D.tokenize(load_examples(cfg)[1], lm.tokenizer, cfg.data.max_length)[: cfg.data.val_max_samples]
+    block = family_of(lm.model.config).modules(lm.model)["blocks"][cfg.model.split_layer - 1]
+    gen, p = torch.Generator().manual_seed(seed), cfg.privacy
+
+    def noisy(module, inputs, out):
+        if isinstance(out, tuple):
+            return (clip_and_noise(out[0], p.clip_norm, p.noise_multiplier, gen), *out[1:])
+        return clip_and_noise(out, p.clip_norm, p.noise_multiplier, gen)
+
+    handle = block.register_forward_hook(noisy)
+    try:
+        return model_loss(model, features, lm.tokenizer.pad_token_id, cfg.train.eval_batch_size)
+    finally:
+        handle.remove()
 
 
 def noise(config: str, output_dir: str, levels=(0.005, 0.02), clip_norm: float = 1000.0, grad_levels=(),
@@ -605,5 +636,7 @@ def noise(config: str, output_dir: str, levels=(0.005, 0.02), clip_norm: float =
                       "grad_clip_norm": p.grad_clip_norm, "grad_noise_multiplier": p.grad_noise_multiplier,
                       **{k: s[k] for k in ("initial_val_loss", "final_val_loss", "step")}}
         runs[name]["val_loss_cost"] = runs[name]["final_val_loss"] - runs["clean"]["final_val_loss"]
+        if p.clip_norm is not None:
+            runs[name]["val_loss_noisy_split"] = noisy_validation_loss(cfg, root / name)
     return {"benchmark": "noise", "description": NOISE_DOC, "config": str(config), "sets": list(sets),
             "top_layers": load_config(config, list(sets)).model.top_layers, "runs": runs, "workdir": str(root)}

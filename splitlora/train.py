@@ -180,12 +180,17 @@ def client_role(cfg: Config, cid: int) -> Client:
 def validation_loss(run: Run) -> float:
     """Token-mean cross-entropy (no smoothing) of the global model on the validation slice."""
     load_into(run.template, run.strategy.global_adapter())
-    run.template.eval()
+    return model_loss(run.template, run.val_features, run.tokenizer.pad_token_id, run.cfg.train.eval_batch_size)
+
+
+@torch.no_grad()
+def model_loss(model, features: list[dict], pad_id: int, batch_size: int) -> float:
+    """Token-mean cross-entropy (no smoothing) of a whole model (eval mode) on tokenized examples."""
+    model.eval()
     total, tokens = 0.0, 0
-    bs = run.cfg.train.eval_batch_size
-    for i in range(0, len(run.val_features), bs):
-        batch = D.collate(run.val_features[i:i + bs], run.tokenizer.pad_token_id)
-        logits = run.template(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    for i in range(0, len(features), batch_size):
+        batch = D.collate(features[i:i + batch_size], pad_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         n = int((batch["labels"][:, 1:] != -100).sum())
         total += lm_loss(logits, batch["labels"], 0.0).item() * n
         tokens += n

@@ -112,6 +112,10 @@ def test_bench_noise_trains_each_level_and_reuses_finished_runs(tmp_path, e2e_fi
     assert runs["act-1"]["noise_multiplier"] == 1.0 and runs["grad-1"]["grad_clip_norm"] == 1e-3
     assert runs["clean"]["val_loss_cost"] == 0 and runs["act-1"]["final_val_loss"] != runs["clean"]["final_val_loss"]
     assert all(r["step"] == 2 for r in runs.values())
+    # the same model with the training noise at the split: a different (finite) loss; none for the others
+    assert math.isfinite(runs["act-1"]["val_loss_noisy_split"])
+    assert runs["act-1"]["val_loss_noisy_split"] != runs["act-1"]["final_val_loss"]
+    assert "val_loss_noisy_split" not in runs["clean"] and "val_loss_noisy_split" not in runs["grad-1"]
     seen = []
     again = noise(str(config), tmp_path / "runs", levels=(1.0,), clip_norm=20.0, grad_levels=(1.0,),
                   grad_clip_norm=1e-3, reuse=True, log=seen.append)
