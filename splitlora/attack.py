@@ -198,12 +198,13 @@ def _plot(results: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), dpi=100, squeeze=False)
     for ax, (channel, x, xlabel, title) in zip(axes[0], panels):
         rows = [r for r in results if r["channel"] == channel]
-        for noise in sorted({r["noise_multiplier"] for r in rows}):
+        for i, noise in enumerate(sorted({r["noise_multiplier"] for r in rows})):   # colour: noise; style: attack
             sub = [r for r in rows if r["noise_multiplier"] == noise]
             for key, style in (("nearest_neighbour", "-o"), ("learned_inversion", "--s"), ("head_projection", ":^")):
                 if key in sub[0]:
-                    ax.plot([r[x] for r in sub], [r[key] for r in sub], style,
+                    ax.plot([r[x] for r in sub], [r[key] for r in sub], style, color=f"C{i}",
                             label=f"{key.replace('_', ' ')}, noise {noise:g}")
+        ax.set_xticks(sorted({r[x] for r in rows}))
         ax.set_xlabel(xlabel)
         ax.set_ylabel("tokens recovered")
         ax.set_title(title, fontsize=9)
