@@ -9,6 +9,10 @@ references here). Two attacks, each scored as the share of the victims' tokens r
   (activation, token); each received activation gets the token of its most similar entry (cosine);
 - learned inversion: a linear softmax classifier from activation to token (over the tokens of the
   public text), trained on the public dictionary with the same clipping and noise.
+Under the U-shape the server also receives the gradient of the loss w.r.t. its output, computed on the
+client's labels (the next tokens): the same two attacks on public gradients (cosine-normalised), and a
+head projection with no training at all (`head_projection`). Each row also gives the share a guess of
+the public text's commonest token gets (`most_frequent_baseline`), the floor to compare with.
 """
 
 from __future__ import annotations
@@ -149,6 +153,7 @@ def attack(run_dir: str | Path, output: str | Path, depths=(1, 3, 6), noise_leve
 
     def score(row, known, known_ids, sent, truth, extra=None):
         row.update({"tokens": int(truth.numel()),
+                    "most_frequent_baseline": float((truth == known_ids.mode().values).float().mean()),
                     "nearest_neighbour": float((nearest_neighbour(known, known_ids, sent) == truth).float().mean()),
                     "learned_inversion": float((learned_inversion(known, known_ids, sent, epochs) == truth).float().mean()),
                     **(extra or {})})

@@ -22,6 +22,7 @@ def test_attack_recovers_shallow_tokens_and_noise_stops_it(make_config, tmp_path
     clean, noisy = rows[(1, 0.0)], rows[(1, 1.0)]
     assert clean["tokens"] > 100
     assert clean["nearest_neighbour"] > 0.5 and clean["learned_inversion"] > 0.5
+    assert clean["most_frequent_baseline"] < 0.2   # guessing the public text's commonest token
     assert noisy["nearest_neighbour"] < clean["nearest_neighbour"] / 2
     assert noisy["learned_inversion"] < clean["learned_inversion"] / 2
     # the U-shape's gradient up gives the labels (the next tokens) away, with no training at all
