@@ -491,6 +491,20 @@ def deploy(model_name: str = "smollm2-135m-instruct", steps: int = 6, split_laye
     }
 
 
+def _train_or_reuse(cfg, run_dir, reuse: bool, log) -> dict:
+    """The run's summary: read if `reuse` and run_dir holds a finished run of the same config, else trained."""
+    import json
+
+    from .compare import _same_config
+    from .train import train
+
+    if reuse and (run_dir / "summary.json").exists() and _same_config(run_dir, cfg):
+        log(f" (read from {run_dir})")
+        return json.loads((run_dir / "summary.json").read_text())
+    log("")
+    return train(cfg, run_dir, progress=False)
+
+
 # -- hetero: heterogeneous clients and Kill & Revive ------------------------------------------------
 
 HETERO_DOC = """Heterogeneous clients (configs/hsplitlora.yaml: a phone, an edge board and a laptop) on the same
@@ -509,9 +523,8 @@ def hetero(steps: int | None = None, workdir: str | None = None, reuse: bool = F
     import tempfile
     from pathlib import Path
 
-    from .compare import _same_config
     from .config import REPO_ROOT, load_config
-    from .train import build_run, train
+    from .train import build_run
 
     root = Path(workdir or tempfile.mkdtemp(prefix="splitlora-bench-hetero-"))
     sets = [f"train.max_steps={steps}"] if steps else []
@@ -533,12 +546,7 @@ def hetero(steps: int | None = None, workdir: str | None = None, reuse: bool = F
     }
     runs = {}
     for name, cfg in variants.items():
-        if reuse and (root / name / "summary.json").exists() and _same_config(root / name, cfg):
-            log(f"bench hetero: {name} (read from {root / name})")
-            s = json.loads((root / name / "summary.json").read_text())
-        else:
-            log(f"bench hetero: {name}")
-            s = train(cfg, root / name, progress=False)
+        s = _train_or_reuse(cfg, root / name, reuse, lambda m: log(f"bench hetero: {name}{m}"))
         runs[name] = {k: s.get(k) for k in ("samples_seen", "initial_val_loss", "final_val_loss", "best_val_loss",
                                             "client_flops", "bytes_up", "bytes_down", "sim_time_s", "wall_s",
                                             "client_trainable_params", "client_splits", "client_mean_ranks",
@@ -605,12 +613,9 @@ def noise(config: str, output_dir: str, levels=(0.005, 0.02), clip_norm: float =
           grad_clip_norm: float | None = None, sets=(), reuse: bool = False, log=print) -> dict:
     """See NOISE_DOC; runs go to output_dir/{clean, act-S, grad-S}; with `reuse`, finished runs with the
     same config are read."""
-    import json
     from pathlib import Path
 
-    from .compare import _same_config
     from .config import ConfigError, load_config
-    from .train import train
 
     root = Path(output_dir)
     variants = {"clean": []}
@@ -625,12 +630,7 @@ def noise(config: str, output_dir: str, levels=(0.005, 0.02), clip_norm: float =
         cfg = load_config(config, [*sets, *extra])
         if grad_levels and not cfg.model.top_layers:
             raise ConfigError("model.top_layers: noise on the gradient up needs a U-shaped config")
-        if reuse and (root / name / "summary.json").exists() and _same_config(root / name, cfg):
-            log(f"bench noise: {name} (read from {root / name})")
-            s = json.loads((root / name / "summary.json").read_text())
-        else:
-            log(f"bench noise: {name}")
-            s = train(cfg, root / name, progress=False)
+        s = _train_or_reuse(cfg, root / name, reuse, lambda m: log(f"bench noise: {name}{m}"))
         p = cfg.privacy
         runs[name] = {"clip_norm": p.clip_norm, "noise_multiplier": p.noise_multiplier,
                       "grad_clip_norm": p.grad_clip_norm, "grad_noise_multiplier": p.grad_noise_multiplier,

@@ -29,7 +29,6 @@ copies (FedAvg of the masked tensors); each copy keeps its first r components.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 
 import torch

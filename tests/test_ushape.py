@@ -14,7 +14,7 @@ from splitlora.config import ConfigError
 from splitlora.roles import Client, MainServer, OptimConfig, lm_loss
 from splitlora.split import split_u
 from splitlora.train import build_run
-from splitlora.wire import Link, LinkedClient
+from splitlora.wire import Link
 
 
 class _Stream:
