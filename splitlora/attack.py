@@ -39,10 +39,14 @@ def activations(model, features: list[dict], depth: int, pad_id: int, batch: int
         acts.append(part(b["input_ids"], b["attention_mask"]))
         ids.append(b["input_ids"])
         masks.append(b["attention_mask"].bool())
-    t = max(a.shape[1] for a in acts)
-    pad = lambda x, v: torch.nn.functional.pad(x, (0, 0, 0, t - x.shape[1]) if x.dim() == 3 else (0, t - x.shape[1]), value=v)  # noqa: E731
-    return (torch.cat([pad(a, 0.0) for a in acts]), torch.cat([pad(x, pad_id) for x in ids]),
-            torch.cat([pad(m, False) for m in masks]))
+    return _cat(acts, 0.0), _cat(ids, pad_id), _cat(masks, False)
+
+
+def _cat(batches: list[torch.Tensor], value) -> torch.Tensor:
+    """Batches of [B, T(, H)] with different T, right-padded with `value` to the longest and stacked."""
+    t = max(x.shape[1] for x in batches)
+    pad = lambda x: (0, 0, 0, t - x.shape[1]) if x.dim() == 3 else (0, t - x.shape[1])  # noqa: E731
+    return torch.cat([torch.nn.functional.pad(x, pad(x), value=value) for x in batches])
 
 
 def top_gradients(model, features: list[dict], top_layers: int, pad_id: int, batch: int, smoothing: float
@@ -69,10 +73,7 @@ def top_gradients(model, features: list[dict], top_layers: int, pad_id: int, bat
         grads.append(g)
         ids.append(target.clamp_min(0))
         masks.append(target != -100)
-    t = max(g.shape[1] for g in grads)
-    pad = lambda x, v: torch.nn.functional.pad(x, (0, 0, 0, t - x.shape[1]) if x.dim() == 3 else (0, t - x.shape[1]), value=v)  # noqa: E731
-    return (torch.cat([pad(g, 0.0) for g in grads]), torch.cat([pad(x, 0) for x in ids]),
-            torch.cat([pad(m, False) for m in masks]))
+    return _cat(grads, 0.0), _cat(ids, 0), _cat(masks, False)
 
 
 def defend(acts: torch.Tensor, clip: float, noise: float, seed: int) -> torch.Tensor:
