@@ -111,8 +111,9 @@ class HSplitLoRA(SplitLoRA):
         if not fits and not strict:
             return lo
         if not fits:
+            top = f" and the top {self.layers - self.top} (U-shape)" if self.top < self.layers else ""
             raise ValueError(f"hsplit: a client with {p.peak_tflops:g} TFLOPS x {p.efficiency:g} cannot run even "
-                             f"{lo} block(s) in hsplit.client_step_s={self.client_step_s} s")
+                             f"{lo} block(s){top} in hsplit.client_step_s={self.client_step_s} s")
         return max(fits)
 
     def _ranks_for(self, cid: int, importance: dict[str, float]) -> dict[tuple[int, str], int]:
