@@ -12,10 +12,17 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import DynamicCache, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .split import ModelPart
+
+# the field of a causal-LM output that carries the KV cache (`cache` since transformers 5.24)
+_OUTPUT_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+class DecodeError(RuntimeError):
+    """Decoding that would be wrong (a KV cache that did not reach the parts); the message says why."""
 
 
 @dataclass(frozen=True)
@@ -46,15 +53,48 @@ class SplitForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(copy.deepcopy(client.config))   # init adjusts its config; keep the parts' own
         self.client, self.server = client, server
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                use_cache=None, logits_to_keep: int = 0, **kwargs):
-        cache = past_key_values if use_cache or past_key_values is not None else None
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, use_cache=None,
+                logits_to_keep: int = 0, cache=None, past_key_values=None, **kwargs):
+        """`generate` passes its KV cache as `cache` (transformers >= 5.24) or `past_key_values`."""
+        cache = cache if cache is not None else past_key_values
+        if cache is None and use_cache:
+            cache = DynamicCache(config=self.config)
+        seen = cache.get_seq_length() if cache is not None else 0
+        if attention_mask is not None and attention_mask.shape[1] != seen + input_ids.shape[1]:
+            # the silent failure this guards against: generate feeds only the new token while the
+            # cache it holds never reached the parts, so every step would attend to nothing before it
+            raise DecodeError(f"split decoding: the attention mask covers {attention_mask.shape[1]} tokens but the "
+                              f"KV cache holds {seen} and the step brings {input_ids.shape[1]}; the installed "
+                              "transformers passes its cache in a way splitlora does not know (install the tested "
+                              "versions: pip install -c constraints.txt -e .)")
         h = self.client(input_ids, attention_mask, position_ids, cache)
         logits = self.server(h, attention_mask, position_ids, cache, logits_to_keep=logits_to_keep)
-        return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
+        return CausalLMOutputWithPast(logits=logits, **{_OUTPUT_CACHE: cache})
 
     def get_input_embeddings(self):
         return self.client.mods["embed_tokens" if "embed_tokens" in self.client.mods else "wte"]
+
+
+@torch.no_grad()
+def check_cached_decoding(model, tokenizer, prompt: str, new_tokens: int = 8, tolerance: float = 1e-3) -> float:
+    """Greedy-decode a few tokens through `generate` and its KV cache, then score the whole sequence once
+    without a cache: each step's logits must be the full recompute's (relative to the logits' scale).
+    Returns the largest relative difference; raises DecodeError past `tolerance`, so a decoding path
+    that loses its cache fails loudly instead of writing fluent-looking garbage."""
+    model.eval()
+    enc = tokenizer([prompt], return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                         num_beams=1, output_logits=True, return_dict_in_generate=True,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    stepped = torch.stack(out.logits, dim=1).float()
+    n = enc["input_ids"].shape[1]
+    full = model(input_ids=out.sequences, attention_mask=torch.ones_like(out.sequences)).logits.float()
+    full = full[:, n - 1:n - 1 + stepped.shape[1]]
+    diff = ((stepped - full).abs().max() / full.abs().max().clamp_min(1e-6)).item()
+    if not diff <= tolerance:
+        raise DecodeError(f"decoding with the KV cache differs from a full recompute (relative difference "
+                          f"{diff:.3g} > {tolerance:g}); refusing to decode wrong text")
+    return diff
 
 
 def clean(text: str) -> str:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from . import data as D
 from . import metrics as M
 from .config import Config, ConfigError, load_config, resolve_path
-from .decode import DecodeConfig, SplitForCausalLM, generate
+from .decode import DecodeConfig, SplitForCausalLM, check_cached_decoding, generate
 from .lora import apply_lora, load_into, lora_config
 from .models import load_model
 from .roles import lm_loss
@@ -83,6 +83,7 @@ def evaluate(run_dir: str | Path, output: str | Path, decode: DecodeConfig, spli
     groups = list(refs)[:limit] if limit else list(refs)
     chosen = set(groups)
 
+    cache_check = check_cached_decoding(model, tokenizer, prompts[groups[0]])
     from tqdm import tqdm
     bar = tqdm(total=len(groups), desc=f"decode ({mode})", disable=not progress, dynamic_ncols=True)
     preds, speed = generate(model, tokenizer, [prompts[g] for g in groups], decode, progress=bar.update)
@@ -97,6 +98,7 @@ def evaluate(run_dir: str | Path, output: str | Path, decode: DecodeConfig, spli
     scores = M.score(preds, references)
     result = {**scores, "perplexity": ppl, "num_mrs": len(groups), "split": split, "mode": mode,
               "run": str(run_dir), "model": cfg.model.name, "decoding": decode.to_dict(), **speed,
+              "cache_check_max_relative_diff": cache_check,
               "perplexity_s": ppl_s}
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     return result

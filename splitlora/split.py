@@ -10,12 +10,18 @@ Both parts rebuild the causal/padding mask from the 2-D attention mask that trav
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+# The keyword under which transformers passes a KV cache to masks, blocks and model outputs: `cache` since
+# 5.24, `past_key_values` before (still accepted there, with a deprecation warning). Read from the library
+# itself, in this one place, so a part calls the blocks exactly as the installed model's forward does.
+CACHE_KW = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 
 class SplitError(ValueError):
@@ -48,8 +54,8 @@ def _gpt2_embed(mods, input_ids, position_ids):
 
 def _gpt2_block(block, hidden, mask, ctx):
     cache = ctx["cache"]
-    return block(hidden, cache, mask, None, encoder_attention_mask=None, use_cache=cache is not None,
-                 position_ids=ctx["position_ids"])
+    return block(hidden, attention_mask=mask, encoder_hidden_states=None, encoder_attention_mask=None,
+                 use_cache=cache is not None, position_ids=ctx["position_ids"], **{CACHE_KW: cache})
 
 
 def _rotary_modules(m):
@@ -64,7 +70,7 @@ def _rotary_extra(mods, hidden, position_ids):
 
 def _rotary_block(block, hidden, mask, ctx):
     return block(hidden, attention_mask=mask, position_embeddings=ctx["position_embeddings"],
-                 position_ids=ctx["position_ids"], past_key_values=ctx["cache"], use_cache=ctx["cache"] is not None)
+                 position_ids=ctx["position_ids"], use_cache=ctx["cache"] is not None, **{CACHE_KW: ctx["cache"]})
 
 
 def _masks(config, hidden, attention_mask, position_ids, cache=None, layers=range(0)):
@@ -78,8 +84,8 @@ def _masks(config, hidden, attention_mask, position_ids, cache=None, layers=rang
     def first(kind):
         return next((i for i in layers if layer_types is None or layer_types[i] == kind), None)
 
-    kw = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask, past_key_values=cache,
-              position_ids=position_ids)
+    kw = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids,
+              **{CACHE_KW: cache})
     full = create_causal_mask(**kw, layer_idx=first("full_attention") if cache is not None else None)
     sliding_needed = getattr(config, "sliding_window", None) and (
         layer_types is None or "sliding_attention" in layer_types)
