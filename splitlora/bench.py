@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import statistics
 import time
 
@@ -18,7 +19,7 @@ import torch
 
 from .lora import apply_lora, lora_config
 from .models import load_model
-from .roles import Learner, OptimConfig, lm_loss
+from .roles import Learner, OptimConfig, lm_losses
 from .split import full_part
 from .strategies import Setup, SplitLoRA
 
@@ -52,7 +53,7 @@ def overhead(model_name: str, steps: int = 30, split_layer: int = 3, batch: int 
     def central_step(t: int) -> None:
         template.train()
         logits = template(input_ids=cbatch["input_ids"], attention_mask=cbatch["attention_mask"]).logits
-        lm_loss(logits, cbatch["labels"], optim.label_smoothing).backward()
+        lm_losses(logits, cbatch["labels"], optim.label_smoothing)[0].backward()   # the loss the split step uses
         central.step(t)
 
     times = {"split": [], "central": []}
@@ -66,7 +67,7 @@ def overhead(model_name: str, steps: int = 30, split_layer: int = 3, batch: int 
             if t >= warmup:
                 times[name].append(time.perf_counter() - t0)
 
-    client, server = split.clients[0].part, split.server.learners[0].part
+    client, server = split.clients[0].client.part, split.server.learners[0].part
     h = lm.model.config.hidden_size
     up = (setup.link.bytes_up - bytes_before[0]) / steps
     down = (setup.link.bytes_down - bytes_before[1]) / steps
@@ -311,8 +312,10 @@ def _deploy_config(model: str, steps: int, split_layer: int, batch: int, max_len
 def deploy(model_name: str = "smollm2-135m-instruct", steps: int = 6, split_layer: int = 3, batch: int = 4,
            max_length: int = 128, precisions: tuple[str, ...] = ("fp32", "bf16"), num_clients: int = 2,
            interval: int = 3, skip: int = 1, centralized_steps: int = 2, seed: int = 0, repeats: int = 1,
-           quiet_wait_s: float = 0, workdir: str | None = None, timeout_s: float = 3600, log=print) -> dict:
-    """Deployed run vs in-process run (see DEPLOY_DOC); the runs and their logs stay in `workdir`."""
+           quiet_wait_s: float = 0, workdir: str | None = None, timeout_s: float = 3600, sets=(),
+           log=print) -> dict:
+    """Deployed run vs in-process run (see DEPLOY_DOC); the runs and their logs stay in `workdir`.
+    `sets` (`key=value`) are passed to every process as `--set` (e.g. a data file for a smoke run)."""
     import json
     import re
     import subprocess
@@ -338,9 +341,13 @@ def deploy(model_name: str = "smollm2-135m-instruct", steps: int = 6, split_laye
         path.write_text(yaml.safe_dump(tree, sort_keys=False))
         return path
 
+    set_args = [a for item in sets for a in ("--set", item)]
+
     def spawn(args: list[str], log_name: str):
+        if args[0] == "train":
+            args = [*args, "--overwrite"]   # the bench's own run directories
         with open(root / log_name, "w") as f:
-            return subprocess.Popen(_cli() + args, stdout=f, stderr=subprocess.STDOUT)
+            return subprocess.Popen(_cli() + args + set_args, stdout=f, stderr=subprocess.STDOUT)
 
     def in_process(cfg_path: Path, out: Path, name: str) -> dict:
         log(f"bench deploy: {name} (in process)")
@@ -350,6 +357,7 @@ def deploy(model_name: str = "smollm2-135m-instruct", steps: int = 6, split_laye
 
     def deployed(cfg_path: Path, out: Path, name: str) -> dict:
         log(f"bench deploy: {name} (server and {num_clients} client processes)")
+        shutil.rmtree(out, ignore_errors=True)   # the bench's own run directory from an earlier run
         mark = _cpu_mark()
         server = spawn(["serve", "--config", str(cfg_path), "--address", "127.0.0.1:0", "--certs", str(certs),
                         "--output", str(out), "--no-progress"], f"{name}-server.log")
@@ -502,7 +510,7 @@ def _train_or_reuse(cfg, run_dir, reuse: bool, log) -> dict:
         log(f" (read from {run_dir})")
         return json.loads((run_dir / "summary.json").read_text())
     log("")
-    return train(cfg, run_dir, progress=False)
+    return train(cfg, run_dir, progress=False, overwrite=True)   # the bench's own run directory
 
 
 # -- hetero: heterogeneous clients and Kill & Revive ------------------------------------------------
@@ -517,8 +525,9 @@ from the cost model, all clients), bytes both ways, simulated time, client train
 `dlora_savings`: device FLOPs and bytes saved by dlora against splitlora, and the validation-loss cost."""
 
 
-def hetero(steps: int | None = None, workdir: str | None = None, reuse: bool = False, log=print) -> dict:
-    """See HETERO_DOC; with `reuse`, runs already finished in `workdir` with the same config are read."""
+def hetero(steps: int | None = None, workdir: str | None = None, reuse: bool = False, sets=(), log=print) -> dict:
+    """See HETERO_DOC; with `reuse`, runs already finished in `workdir` with the same config are read.
+    `sets` (`key=value`) apply to every config (e.g. a smaller model or data file for a smoke run)."""
     import json
     import tempfile
     from pathlib import Path
@@ -527,7 +536,7 @@ def hetero(steps: int | None = None, workdir: str | None = None, reuse: bool = F
     from .train import build_run
 
     root = Path(workdir or tempfile.mkdtemp(prefix="splitlora-bench-hetero-"))
-    sets = [f"train.max_steps={steps}"] if steps else []
+    sets = [*sets, *([f"train.max_steps={steps}"] if steps else [])]
     het = load_config(REPO_ROOT / "configs" / "hsplitlora.yaml", sets)
     probe = build_run(het).strategy
     weak_split, weak_rank = probe.splits[0], max(1, round(min(probe.mean_ranks())))

@@ -94,7 +94,7 @@ def check(cfg: Config, profiles_file: Path, steps: int, workdir: Path) -> dict:
             "data": cfg.data.model_copy(update={"val_max_samples": 1}),
             "cost": cfg.cost.model_copy(update={"client": "local-client", "clients": None, "server": "local-server",
                                                 "profiles_file": str(profiles_file)})})
-        train(c, workdir / name, progress=False)
+        train(c, workdir / name, progress=False, overwrite=True)
         rows = [json.loads(ln) for ln in (workdir / name / "metrics.jsonl").read_text().splitlines() if ln]
         wall = [b["wall_s"] - a["wall_s"] for a, b in zip(rows, rows[1:])][1:]
         sim = [b["sim_time_s"] - a["sim_time_s"] for a, b in zip(rows, rows[1:])][1:]

@@ -23,11 +23,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .errors import CertError
+
 _CLIENT_CN = re.compile(r"client-(\d+)")
 
-
-class CertError(ValueError):
-    """A certificate or key file is missing, unreadable or unusable; the message names the file."""
 
 
 def create_certs(output_dir, num_clients: int,

@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
+import shlex
 import sys
+import warnings
 
-from .certs import CertError
-from .config import ConfigError, load_config
-from .cost import CostError
-from .data import DataError
-from .metrics import MetricsError
-from .models import ModelError
-from .split import SplitError
-
-USER_ERRORS = (ConfigError, DataError, MetricsError, ModelError, SplitError, FileNotFoundError, FileExistsError,
-               CertError, CostError, ConnectionError, TimeoutError)
+# only light modules here: torch and transformers are imported by the command that needs them, so
+# `--help` and a config error answer at once
+from .errors import USER_ERRORS, ConfigError, Interrupted
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     t.add_argument("--output", required=True, help="run directory")
     t.add_argument("--resume", help="run directory whose checkpoint/ to continue from")
+    t.add_argument("--overwrite", action="store_true", help="replace the run already in --output")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     e = sub.add_parser("eval", help="decode a trained run on E2E and score it")
     e.add_argument("run_dir", metavar="RUN_DIR")
@@ -66,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     cl.add_argument("--server", required=True, help="HOST:PORT of the server")
     cl.add_argument("--certs", help="directory made by `splitlora certs`")
     cl.add_argument("--insecure", action="store_true", help="plaintext, loopback addresses only")
+    cl.add_argument("--progress", action="store_true",
+                    help="a progress bar (default: a line every train.log_interval steps, readable when several "
+                         "clients share a terminal)")
     ce = sub.add_parser("certs", help="create a CA, a server certificate and client certificates")
     ce.add_argument("--output", required=True)
     ce.add_argument("--clients", type=int, required=True)
@@ -114,7 +115,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=1, help="deploy: (in-process, deployed) pairs per precision")
     b.add_argument("--reuse", action="store_true", help="hetero, noise: read runs already finished in --workdir")
     b.add_argument("--config", default="configs/demo.yaml", help="noise: the config to train")
-    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="noise: config overrides")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="noise, hetero, deploy: config overrides (applied to each run the bench makes)")
+    b.add_argument("--precisions", default="fp32,bf16", help="deploy: wire precisions to compare")
     b.add_argument("--noise", default="0.005,0.02", help="noise: multipliers on the smashed activations")
     b.add_argument("--clip-norm", type=float, default=1000.0, help="noise: clip norm of the activations")
     b.add_argument("--grad-noise", default="", help="noise: multipliers on the gradient up (U-shaped configs)")
@@ -124,18 +127,32 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _load_config(path, sets):
+    from .config import load_config
+
+    return load_config(path, sets)
+
+
 def _train(args) -> None:
     from pathlib import Path
 
-    from .train import train
-
     config = args.config
     if config is None and args.resume:
-        config = str(Path(args.resume) / "config.yaml")
+        config = Path(args.resume) / "config.yaml"
+        if not config.exists():
+            raise ConfigError(f"--resume: {args.resume} has no config.yaml (is it a run directory?); "
+                              "name the config with --config")
     if config is None:
         raise ConfigError("--config is required unless --resume names a run directory")
-    cfg = load_config(config, args.set)
-    summary = train(cfg, args.output, resume=args.resume, progress=not args.no_progress)
+    cfg = _load_config(config, args.set)
+    from .train import train
+
+    try:
+        summary = train(cfg, args.output, resume=args.resume, progress=not args.no_progress,
+                        overwrite=args.overwrite)
+    except Interrupted as e:
+        raise Interrupted(e.step, e.checkpoint, e.signal_name,
+                          f"splitlora train --resume {args.output} --output {args.output}") from None
     print(json.dumps({k: summary[k] for k in ("step", "initial_val_loss", "final_val_loss", "bytes_up",
                                               "bytes_down", "wall_s", "adapter")}, indent=2))
 
@@ -163,8 +180,13 @@ def _score(args) -> None:
 def _serve(args) -> None:
     from .deploy import serve
 
-    summary = serve(load_config(args.config, args.set), args.address, args.certs, args.output,
-                    resume=args.resume, insecure=args.insecure, progress=not args.no_progress)
+    cfg = _load_config(args.config, args.set)
+    try:
+        summary = serve(cfg, args.address, args.certs, args.output, resume=args.resume, insecure=args.insecure,
+                        progress=not args.no_progress)
+    except Interrupted as e:
+        command = shlex.join(["splitlora", *args.argv, *([] if args.resume else ["--resume"])])
+        raise Interrupted(e.step, e.checkpoint, e.signal_name, command) from None
     print(json.dumps({k: summary[k] for k in ("step", "final_val_loss", "bytes_up", "bytes_down", "dropouts",
                                               "adapter")}, indent=2))
 
@@ -172,7 +194,8 @@ def _serve(args) -> None:
 def _client(args) -> None:
     from .deploy import client
 
-    client(load_config(args.config, args.set), args.client_id, args.server, args.certs, insecure=args.insecure)
+    client(_load_config(args.config, args.set), args.client_id, args.server, args.certs, insecure=args.insecure,
+           progress=args.progress)
 
 
 def _certs(args) -> None:
@@ -187,7 +210,7 @@ def _certs(args) -> None:
 def _calibrate(args) -> None:
     from .calibrate import calibrate
 
-    result = calibrate(load_config(args.config, args.set), args.output, steps=args.steps,
+    result = calibrate(_load_config(args.config, args.set), args.output, steps=args.steps,
                        log=lambda m: print(m, file=sys.stderr))
     report = args.report or f"{args.output}.report.json"
     with open(report, "w") as f:
@@ -199,7 +222,7 @@ def _compare(args) -> None:
     from .compare import compare
 
     names = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    result = compare(load_config(args.config, args.set), names, args.output, samples=args.samples,
+    result = compare(_load_config(args.config, args.set), names, args.output, samples=args.samples,
                      eval_samples=args.eval_samples, target=args.target, margin=args.margin,
                      progress=not args.no_progress, reuse=args.reuse)
     print(f"wrote {args.output}/report.md and compare.json; target {result['target_val_loss']:.4f}; "
@@ -229,19 +252,43 @@ def _bench(args) -> None:
                              floats(args.grad_noise), args.grad_clip_norm, args.set, args.reuse,
                              log=lambda m: print(m, file=sys.stderr))
     elif args.which == "hetero":
-        result = bench.hetero(steps=args.steps, workdir=args.workdir, reuse=args.reuse,
+        result = bench.hetero(steps=args.steps, workdir=args.workdir, reuse=args.reuse, sets=args.set,
                               log=lambda m: print(m, file=sys.stderr))
     else:
+        precisions = tuple(p.strip() for p in args.precisions.split(",") if p.strip())
         result = bench.deploy(args.model, steps=args.steps or 6, split_layer=args.split_layer,
-                              repeats=args.repeats, quiet_wait_s=args.quiet_wait, workdir=args.workdir,
-                              log=lambda m: print(m, file=sys.stderr))
+                              precisions=precisions, repeats=args.repeats, quiet_wait_s=args.quiet_wait,
+                              workdir=args.workdir, sets=args.set, log=lambda m: print(m, file=sys.stderr))
     with open(args.output, "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps(result, indent=2))
 
 
+def _quiet_libraries() -> None:
+    """Warnings a user cannot act on (deprecations inside transformers and PEFT) are not shown; our own
+    warnings (e.g. a clamped config value) print as one `splitlora: warning:` line."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")   # transformers' "Loading weights" bar
+    for module in ("transformers", "peft", "torch", "accelerate"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    log = logging.getLogger("splitlora")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_OneLine())
+        log.addHandler(handler)
+        log.propagate = False
+
+
+class _OneLine(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"splitlora: {record.levelname.lower()}: {record.getMessage()}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_libraries()
     try:
         commands = {"train": _train, "eval": _eval, "score": _score, "serve": _serve, "client": _client,
                     "certs": _certs, "calibrate": _calibrate, "compare": _compare, "attack": _attack,
@@ -250,6 +297,13 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"splitlora: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"splitlora: stopped ({e.signal_name}) after step {e.step}; checkpoint in {e.checkpoint}; "
+              f"continue with: {e.resume_command or '--resume'}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("splitlora: interrupted; work since the last checkpoint is lost", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -118,7 +118,7 @@ def compare(cfg: Config, strategies: list[str], output: str | Path, samples: int
             summary = json.loads(done.read_text())
             overall.update(c.train.max_steps * k)
         else:
-            summary = train(c, out / name, progress=progress, bar_position=1,
+            summary = train(c, out / name, progress=progress, bar_position=1, overwrite=True,
                             on_step=lambda _s, k=k: overall.update(k))
         rows = [json.loads(ln) for ln in (out / name / "metrics.jsonl").read_text().splitlines() if ln]
         runs[name] = {"summary": summary, "rows": rows}

@@ -5,17 +5,18 @@ Every error is a `ConfigError` whose one-line message names the key (or file) at
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .errors import ConfigError
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger("splitlora")
 
-
-class ConfigError(ValueError):
-    pass
 
 
 class _Section(BaseModel):
@@ -147,21 +148,31 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _warmup_fits(self):
-        if self.train.warmup_steps >= self.train.max_steps:
-            raise ValueError("train.warmup_steps must be smaller than train.max_steps")
+        """A short run (`--set train.max_steps=2` on a shipped config) just works: warm-up is clamped."""
+        t = self.train
+        if t.warmup_steps >= t.max_steps:
+            clamped = t.max_steps - 1
+            log.warning(f"train.warmup_steps: {t.warmup_steps} is not below train.max_steps ({t.max_steps}); "
+                        f"using {clamped}")
+            t.warmup_steps = clamped
         return self
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
 
 
-def _one_line(err: ValidationError, source: str) -> str:
+def _one_line(err: ValidationError, source: str, overrides: dict[str, str]) -> str:
+    """One line naming each bad key, and where its value came from: the `--set` that gave it, else the file."""
     parts = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
         msg = "unknown config key" if e["type"] == "extra_forbidden" else e["msg"]
-        parts.append(f"{key}: {msg}" if key else msg)
-    return f"{source}: " + "; ".join(parts)
+        given = next((item for dotted, item in overrides.items()
+                      if key and (key == dotted or key.startswith(dotted + ".") or dotted.startswith(key + "."))),
+                     None)
+        where = f"--set {given}" if given else source
+        parts.append(f"{where}: {key}: {msg}" if key else f"{where}: {msg}")
+    return "; ".join(parts)
 
 
 def _set(tree: dict, dotted: str, value) -> None:
@@ -184,19 +195,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             tree = yaml.safe_load(Path(path).read_text()) or {}
         except FileNotFoundError:
             raise ConfigError(f"--config: file not found: {path}") from None
+        except (UnicodeDecodeError, IsADirectoryError) as e:
+            raise ConfigError(f"--config: {path} is not a YAML text file ({type(e).__name__})") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    given: dict[str, str] = {}   # dotted key -> the --set item that gave it
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected key=value")
-        _set(tree, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
+        _set(tree, key.strip(), value)
+        given[key.strip()] = item
     try:
         return Config.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(_one_line(e, source)) from None
+        raise ConfigError(_one_line(e, source, given)) from None
 
 
 def resolve_path(field: str, value: str) -> Path:

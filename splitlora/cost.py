@@ -23,9 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from .errors import CostError
 
-class CostError(ValueError):
-    """A profile or cost setting that cannot be used; the message names the field."""
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from .errors import DataError
+
 IGNORE_INDEX = -100
 
 # One "key[value]" item of an E2E meaning representation.
@@ -34,9 +36,6 @@ class Example:
     attributes: dict[str, str] = field(default_factory=dict, hash=False, compare=True)
     group: str = ""  # E2E: raw MR string; JSONL: the prompt
 
-
-class DataError(ValueError):
-    """Malformed or missing data; the message names the file/line/field."""
 
 
 def parse_mr(mr: str) -> dict[str, str]:

@@ -15,14 +15,12 @@ import torch
 from transformers import DynamicCache, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .errors import DecodeError
 from .split import ModelPart
 
 # the field of a causal-LM output that carries the KV cache (`cache` since transformers 5.24)
 _OUTPUT_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
-
-class DecodeError(RuntimeError):
-    """Decoding that would be wrong (a KV cache that did not reach the parts); the message says why."""
 
 
 @dataclass(frozen=True)

@@ -86,12 +86,26 @@ def serve(cfg: Config, address: str, certs: str | None, output: str, resume: boo
         server.stop(grace=2)
 
 
-def client(cfg: Config, client_id: int, server_address: str, certs: str | None, insecure: bool = False) -> None:
-    """Run one data owner until the server says training is over."""
+def client(cfg: Config, client_id: int, server_address: str, certs: str | None, insecure: bool = False,
+           progress: bool = False) -> None:
+    """Run one data owner until the server says training is over; shows the server's step (a bar, or
+    a line every `train.log_interval` steps)."""
+    from tqdm import tqdm
+
     from .train import client_role
 
     _check(cfg, server_address, insecure)
+    log = lambda m: print(f"splitlora: {m}", file=sys.stderr, flush=True)  # noqa: E731
     role = client_role(cfg, client_id)
+    log(f"client {client_id}: {role.num_samples} examples; connecting to {server_address}")
+    bar = tqdm(total=cfg.train.max_steps, desc=f"client {client_id}", disable=not progress, dynamic_ncols=True)
+
+    def on_step(step: int) -> None:
+        if progress:
+            bar.update(max(0, step - bar.n))
+        elif step % cfg.train.log_interval == 0 and step != getattr(on_step, "last", None):
+            on_step.last = step
+            log(f"client {client_id}: step {step}/{cfg.train.max_steps}")
     options = _options(cfg)
     if insecure:
         factory = lambda: grpc.insecure_channel(server_address, options=options)  # noqa: E731
@@ -100,6 +114,8 @@ def client(cfg: Config, client_id: int, server_address: str, certs: str | None, 
             raise ConfigError("--certs: a certificate directory is required (or --insecure on loopback)")
         creds = client_credentials(certs, client_id)
         factory = lambda: grpc.secure_channel(server_address, creds, options=options)  # noqa: E731
-    serve_client(role, factory, client_id, cfg.wire.precision, retries=cfg.deploy.retries,
-                 max_bytes=cfg.deploy.max_message_mb << 20,
-                 log=lambda m: print(f"splitlora: {m}", file=sys.stderr))
+    try:
+        serve_client(role, factory, client_id, cfg.wire.precision, retries=cfg.deploy.retries,
+                     max_bytes=cfg.deploy.max_message_mb << 20, log=log, on_step=on_step)
+    finally:
+        bar.close()

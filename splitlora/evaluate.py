@@ -51,6 +51,10 @@ def load_trained(run_dir: str | Path, mode: str = "merged"):
 
 def eval_examples(cfg: Config, split: str) -> list[D.Example]:
     if split == "test":
+        if cfg.data.name != "e2e":
+            raise ConfigError(f"--split test: the E2E test set does not fit a run trained on {cfg.data.name} data "
+                              f"({cfg.data.train_file}); use --split validation (its held-out examples, or "
+                              "data.val_file)")
         return D.load_e2e(resolve_path("test file", TEST_FILE))
     if split == "validation":
         from .train import load_examples

@@ -29,14 +29,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Co
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from .checkpoint import atomic_directory
+from .errors import ModelError
 from .split import family_of, num_layers
 
 SMOLLM2 = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-
-class ModelError(ValueError):
-    """A model that cannot be found or loaded; the message names the model or file."""
 
 
 @dataclass

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load as st_load
 
 from .checkpoint import join_tensors, split_tensors
-from .roles import ClientDropped
+from .roles import ClientDropped, Loss
 from .wire import dequantize, encode
 
 SERVICE, METHOD = "splitlora.Split", "Session"
@@ -214,8 +214,8 @@ class RemoteClient:
             elif reply == "adapter":
                 check_adapter(out, self.expect)
             elif reply == "loss":
-                if not (_number(rmeta.get("loss")) and _count(rmeta.get("n"))):
-                    raise BadMessage("loss reply needs a finite loss and a positive n")
+                if not (_number(rmeta.get("loss")) and _number(rmeta.get("ce")) and _count(rmeta.get("n"))):
+                    raise BadMessage("loss reply needs a finite loss and ce and a positive n")
                 shape = rmeta.get("shape")
                 if not (isinstance(shape, list) and len(shape) == 2 and all(map(_count, shape))):
                     raise BadMessage("loss reply needs the batch shape [B, T]")
@@ -225,8 +225,8 @@ class RemoteClient:
                 if set(out) != {"activations_grad"} or g.dtype != torch.float32 or g.shape != sent.shape:
                     raise BadMessage(f"top reply needs activations_grad of shape {list(sent.shape)}")
                 _finite("activations_grad", g)
-                if not (_number(rmeta.get("loss")) and _count(rmeta.get("n"))):
-                    raise BadMessage("top reply needs a finite loss and a positive n")
+                if not (_number(rmeta.get("loss")) and _number(rmeta.get("ce")) and _count(rmeta.get("n"))):
+                    raise BadMessage("top reply needs a finite loss and ce and a positive n")
             elif reply == "state":
                 try:
                     out = join_tensors(rmeta["state"], out)
@@ -247,14 +247,14 @@ class RemoteClient:
     def backward(self, activations_grad: torch.Tensor, global_step: int) -> None:
         self._call("backward", {"activations_grad": activations_grad}, {"step": global_step}, lossy=True)
 
-    def top_step(self, server_out: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
+    def top_step(self, server_out: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Loss]:
         out, meta = self._call("top_step", server_out, reply="top", lossy=True)
-        return out, float(meta["loss"])
+        return out, Loss(float(meta["loss"]), float(meta["ce"]))
 
-    def local_step(self, global_step: int) -> tuple[float, int]:
+    def local_step(self, global_step: int) -> tuple[Loss, int]:
         _, meta = self._call("local_step", meta={"step": global_step}, reply="loss")
         self.last_shape = tuple(meta["shape"])
-        return float(meta["loss"]), int(meta["n"])
+        return Loss(float(meta["loss"]), float(meta["ce"])), int(meta["n"])
 
     def adapter_state(self):
         return self._call("adapter_state", reply="adapter")[0]
@@ -399,8 +399,9 @@ class Hub:
 
 
 def serve_client(client, channel_factory, client_id: int, precision: str = "fp32", retries: int = 10,
-                 backoff_s: float = 0.5, max_bytes: int = 256 << 20, log=print) -> None:
-    """Run one client role against the server until it says done; reconnect with bounded backoff."""
+                 backoff_s: float = 0.5, max_bytes: int = 256 << 20, log=print, on_step=None) -> None:
+    """Run one client role against the server until it says done; reconnect with bounded backoff.
+    `on_step(step)` is called with the global step of each training command (for progress)."""
     fatal = {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.NOT_FOUND}
     attempt = 0
     while True:
@@ -415,8 +416,11 @@ def serve_client(client, channel_factory, client_id: int, precision: str = "fp32
                 kind, tensors, meta = unpack(data, max_bytes)
                 if kind == "done":
                     outbox.put(None)
+                    log(f"client {client_id}: training finished")
                     return
                 outbox.put(answer(client, kind, tensors, meta, precision))
+                if on_step is not None and isinstance(meta.get("step"), int):
+                    on_step(meta["step"] + 1)
             log(f"client {client_id}: session ended by the server; reconnecting")
         except grpc.RpcError as e:
             if e.code() in fatal:
@@ -449,7 +453,8 @@ def answer(client, kind: str, tensors: dict, meta: dict, precision: str) -> byte
         if pending is None or x is None or x.shape != pending.shape or getattr(client.part, "top", None) is None:
             return pack("error", meta={"error": "top_step: the activations do not match the pending batch"})
         reply, loss = client.top_step(x)
-        return pack("top", reply, {"loss": loss, "n": int(x.shape[0]), "compute_s": client.compute_s}, precision)
+        return pack("top", reply, {"loss": loss.smoothed, "ce": loss.ce, "n": int(x.shape[0]),
+                                   "compute_s": client.compute_s}, precision)
     if kind == "forward":
         msg, n = client.forward()
         return pack("smashed", msg, {"n": n, "compute_s": client.compute_s}, precision)
@@ -457,7 +462,8 @@ def answer(client, kind: str, tensors: dict, meta: dict, precision: str) -> byte
         client.backward(tensors["activations_grad"], int(meta["step"]))
     elif kind == "local_step":
         loss, n = client.local_step(int(meta["step"]))
-        return pack("loss", meta={"loss": loss, "n": n, "shape": list(client.last_shape), "compute_s": client.compute_s})
+        return pack("loss", meta={"loss": loss.smoothed, "ce": loss.ce, "n": n, "shape": list(client.last_shape),
+                                  "compute_s": client.compute_s})
     elif kind == "adapter_state":
         return pack("adapter", client.adapter_state(), done)
     elif kind == "load_adapter_state":

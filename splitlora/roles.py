@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +80,32 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float) -> tor
     """Next-token cross-entropy (label-smoothed) averaged over the supervised (completion) tokens."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100,
                            label_smoothing=smoothing)
+
+
+class Loss(NamedTuple):
+    """A training step's loss: what is optimised (label-smoothed) and the plain cross-entropy, which is
+    what validation reports (smoothing adds a floor of roughly smoothing x log(vocabulary) to the first)."""
+
+    smoothed: float
+    ce: float
+
+    @staticmethod
+    def mean(losses: list["Loss"]) -> "Loss":
+        return Loss(sum(x.smoothed for x in losses) / len(losses), sum(x.ce for x in losses) / len(losses))
+
+
+def lm_losses(logits: torch.Tensor, labels: torch.Tensor, smoothing: float) -> tuple[torch.Tensor, Loss]:
+    """(label-smoothed loss to backpropagate, Loss of both values) from one log-softmax: the smoothed loss
+    is (1 - s) x NLL + s x the mean over the vocabulary of -log p, as `F.cross_entropy` defines it."""
+    logp = F.log_softmax(logits[:, :-1].flatten(0, 1).float(), dim=-1)
+    target = labels[:, 1:].flatten()
+    keep = (target != -100).to(logp.dtype)
+    count = keep.sum()
+    nll = -(logp.gather(1, target.clamp_min(0).unsqueeze(1)).squeeze(1) * keep).sum() / count
+    loss = nll
+    if smoothing:
+        loss = (1 - smoothing) * nll - smoothing * (logp.mean(dim=-1) * keep).sum() / count
+    return loss, Loss(loss.item(), nll.item())
 
 
 class ClientDropped(RuntimeError):
@@ -152,7 +179,7 @@ class Client:
         msg = smashed_message(self._activations, batch["attention_mask"], labels)
         return msg, len(batch["input_ids"])
 
-    def top_step(self, activations: torch.Tensor) -> tuple[dict[str, torch.Tensor], float]:
+    def top_step(self, activations: torch.Tensor) -> tuple[dict[str, torch.Tensor], Loss]:
         """U-shape: the server's output through the client's top blocks and head, the loss on the
         client's own labels, and the gradient of the server's output ({"activations_grad"}, loss)."""
         if self._activations is None:
@@ -160,11 +187,11 @@ class Client:
         t0 = time.perf_counter()
         mask, labels = self._pending
         x = activations.detach().requires_grad_(True)
-        loss = lm_loss(self.part.top(x, mask), labels, self.learner.cfg.label_smoothing)
+        loss, value = lm_losses(self.part.top(x, mask), labels, self.learner.cfg.label_smoothing)
         loss.backward()
         grad = self.privacy.apply_grad(x.grad, self.noise)
         self.compute_s += time.perf_counter() - t0
-        return {"activations_grad": grad}, loss.item()
+        return {"activations_grad": grad}, value
 
     def backward(self, activations_grad: torch.Tensor | None, global_step: int) -> None:
         """Finish backpropagation with the server's gradient and update the client-side adapter. None: the
@@ -178,7 +205,7 @@ class Client:
         self.learner.step(global_step)
         self.compute_s += time.perf_counter() - t0
 
-    def local_step(self, global_step: int) -> tuple[float, int]:
+    def local_step(self, global_step: int) -> tuple[Loss, int]:
         """A whole-model training step on the next batch; returns (loss, batch size)."""
         if not self.part.has_head:
             raise RuntimeError(f"client {self.cid}: local_step() needs the whole model")
@@ -187,11 +214,11 @@ class Client:
         t0 = time.perf_counter()
         self.part.train()
         logits = self.part(batch["input_ids"], batch["attention_mask"])
-        loss = lm_loss(logits, batch["labels"], self.learner.cfg.label_smoothing)
+        loss, value = lm_losses(logits, batch["labels"], self.learner.cfg.label_smoothing)
         loss.backward()
         self.learner.step(global_step)
         self.compute_s += time.perf_counter() - t0
-        return loss.item(), len(batch["input_ids"])
+        return value, len(batch["input_ids"])
 
     def set_frozen(self, keys: set[str]) -> None:
         """Freeze these adapter tensors (no gradient, no optimizer state, not sent) and unfreeze the rest."""
@@ -251,7 +278,7 @@ class MainServer:
         return self.learners[0 if self.shared else cid]
 
     def train_step(self, cid: int, msg: dict[str, torch.Tensor], global_step: int, return_grad: bool = True
-                   ) -> tuple[dict[str, torch.Tensor], float]:
+                   ) -> tuple[dict[str, torch.Tensor], Loss]:
         """Smashed message in; ({"activations_grad": ...}, loss) out; the server-side adapter steps.
         Without `return_grad` (the client has nothing to train) no activation gradient is computed."""
         t0 = time.perf_counter()
@@ -259,11 +286,11 @@ class MainServer:
         learner.part.train()
         activations = msg["activations"].detach().requires_grad_(return_grad)
         logits = self.views.get(cid, learner.part)(activations, msg["attention_mask"].long())
-        loss = lm_loss(logits, msg["labels"].long(), self.cfg.label_smoothing)
+        loss, value = lm_losses(logits, msg["labels"].long(), self.cfg.label_smoothing)
         loss.backward()
         learner.step(global_step)
         self.compute_s += time.perf_counter() - t0
-        return {"activations_grad": activations.grad}, loss.item()
+        return {"activations_grad": activations.grad}, value
 
     def middle_forward(self, cid: int, msg: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """U-shape: the client's smashed activations through the server's blocks; their output goes back."""

@@ -18,14 +18,13 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from .errors import SplitError
+
 # The keyword under which transformers passes a KV cache to masks, blocks and model outputs: `cache` since
 # 5.24, `past_key_values` before (still accepted there, with a deprecation warning). Read from the library
 # itself, in this one place, so a part calls the blocks exactly as the installed model's forward does.
 CACHE_KW = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
-
-class SplitError(ValueError):
-    """A model or split point the splitter cannot handle; the message names the field."""
 
 
 @dataclass(frozen=True)

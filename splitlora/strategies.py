@@ -22,7 +22,7 @@ import torch
 
 from .cost import StepWork
 from .data import BatchStream
-from .roles import Client, ClientDropped, FedServer, MainServer, OptimConfig, Privacy, fedavg
+from .roles import Client, ClientDropped, FedServer, Loss, MainServer, OptimConfig, Privacy, fedavg
 from .split import ModelPart, full_part, split_model, split_u
 from .wire import Link, LinkedClient, data_message
 
@@ -74,7 +74,7 @@ class Strategy:
         self.t = -1                       # the step under way (evaluations happen after it)
         self.work = StepWork()            # what the step under way computed and sent (cost model)
 
-    def step(self, t: int) -> tuple[float, int]:
+    def step(self, t: int) -> tuple[Loss, int]:
         """One global step (0-based t); returns (mean training loss, samples processed)."""
         raise NotImplementedError
 
@@ -88,7 +88,7 @@ class Strategy:
         work.messages = self.s.link.take_log()
         return work
 
-    def _local_step(self, client, t: int, central: bool = False) -> tuple[float, int]:
+    def _local_step(self, client, t: int, central: bool = False) -> tuple[Loss, int]:
         loss, n = client.local_step(t)
         if central:
             self.work.central.append(tuple(client.last_shape))
@@ -114,12 +114,12 @@ class Strategy:
             self.dropouts.append({"step": t + 1, "client": client.cid, "reason": str(e)})
             return False, None
 
-    def _each(self, t: int, fn: Callable) -> tuple[float, int]:
+    def _each(self, t: int, fn: Callable) -> tuple[Loss, int]:
         self.t = t
         results = [r for c in self.live() for ok, r in [self.guarded(t, c, fn)] if ok]
         if not results:
             raise RuntimeError(f"step {t + 1}: no client left to train")
-        return sum(r[0] for r in results) / len(results), sum(r[1] for r in results)
+        return Loss.mean([r[0] for r in results]), sum(r[1] for r in results)
 
     @property
     def weights(self) -> list[int]:
@@ -250,7 +250,7 @@ class SplitLoRA(FedLoRA):
         """Whether the clients' bottom parts have anything to train (else no activation gradient is sent)."""
         return True
 
-    def split_step(self, client, t: int) -> tuple[float, int]:
+    def split_step(self, client, t: int) -> tuple[Loss, int]:
         """Client forward -> server forward/backward -> client backward. U-shaped: client bottom ->
         server middle -> client top, loss and backward -> server middle backward -> client bottom."""
         msg, n = client.forward()
@@ -308,7 +308,7 @@ class SL(SplitLoRA):
         ok, result = self.guarded(t, holder, lambda c: self.split_step(c, t))
         if not ok:               # the holder dropped: what it learned since the last hand-off is lost
             self.holder = self._next_live(holder.cid)
-            return float("nan"), 0
+            return Loss(float("nan"), float("nan")), 0
         if self._due(t) and len(self.clients) > 1:   # hand the client adapter to the next live client
             ok, state = self.guarded(t, holder, lambda c: c.adapter_state())
             nxt = self._next_live(holder.cid)

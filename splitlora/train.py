@@ -8,8 +8,12 @@ train_loss is the mean over the steps since the previous record; val_* are null 
 from __future__ import annotations
 
 import json
-import os
 import math
+import os
+import shutil
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +26,11 @@ from tqdm import tqdm
 from . import data as D
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, resolve_path
+from .errors import Interrupted
 from .cost import CostError, CostModel, Profile, Shapes, load_profiles, resolve
 from .lora import apply_lora, export_adapter, load_into, lora_config
 from .models import load_model
-from .roles import OptimConfig, Privacy, lm_loss
+from .roles import Loss, OptimConfig, Privacy, lm_loss
 from .roles import Client
 from .split import full_part, split_model, split_u
 from .hsplit import STRATEGIES  # the registry, with hsplitlora and hetlora
@@ -204,35 +209,94 @@ def _carry_metrics(src: Path, dst: Path, upto_step: int) -> None:
     dst.write_text("".join(ln + "\n" for ln in lines))
 
 
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoint", "checkpoint.old", "adapter")
+
+
+def check_output(out: Path, resume: str | Path | None, overwrite: bool) -> None:
+    """Refuse to train into a directory that holds files (an earlier run would be silently replaced),
+    unless it is the run being resumed, or `overwrite` and it is a run directory."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"--output: {out} is a file, not a directory")
+    if not any(out.iterdir()) or (resume is not None and Path(resume).resolve() == out.resolve()):
+        return
+    if not overwrite:
+        raise ConfigError(f"--output: {out} already holds a run or other files; continue it with --resume {out}, "
+                          "replace it with --overwrite, or choose another directory")
+    if not any((out / name).exists() for name in RUN_FILES):
+        raise ConfigError(f"--overwrite: {out} is not a run directory (none of {', '.join(RUN_FILES[:3])}); "
+                          "refusing to delete it")
+
+
+class StopRequest:
+    """SIGINT/SIGTERM while training: the step under way finishes, a checkpoint is written, and training
+    stops with `Interrupted`; a second signal stops at once. Only in the main thread (where Python
+    delivers signals); elsewhere this does nothing."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        self._old: dict = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        print(f"\nsplitlora: {self.signal}: finishing this step and writing a checkpoint "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+def _loss(x) -> Loss:
+    """A pending loss from a checkpoint ([smoothed, ce]; older checkpoints hold the smoothed value alone)."""
+    return Loss(*x) if isinstance(x, (list, tuple)) else Loss(x, float("nan"))
+
+
 def train(cfg: Config, output: str | Path, resume: str | Path | None = None,
           on_step: Callable[[int], None] | None = None, progress: bool = True, hub=None,
-          bar_position: int = 0) -> dict:
+          bar_position: int = 0, overwrite: bool = False) -> dict:
     """Run (or continue) training; returns the summary also written to summary.json. With a `hub`,
-    this is the deployed server's run: the same loop, with clients in other processes."""
+    this is the deployed server's run: the same loop, with clients in other processes.
+
+    `output` must be new, empty, the run being resumed, or (with `overwrite`) a run directory to replace;
+    it is created only once the run is built, so a config, data or model error leaves nothing behind.
+    SIGINT/SIGTERM (main thread) write a checkpoint after the step under way and raise `Interrupted`."""
     out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output(out, resume, overwrite)
+    state = load_checkpoint(Path(resume) / "checkpoint") if resume is not None else None
     run = build_run(cfg, hub)
     strategy, tcfg = run.strategy, cfg.train
+    if overwrite and out.exists() and not (resume is not None and Path(resume).resolve() == out.resolve()):
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     start, wall, sim, samples, last_val = 0, 0.0, 0.0, 0, None
-    if resume is not None:
-        state = load_checkpoint(Path(resume) / "checkpoint")
+    if state is not None:
         strategy.load_state_dict(state["strategy"])
         torch.set_rng_state(state["rng"])
         start, wall, samples, last_val = state["step"], state["wall_s"], state["samples_seen"], state["val_loss"]
         sim = state.get("sim_s", 0.0)
         run.cost.client_flops = state.get("client_flops", 0.0)
-        losses = state["pending_losses"]
+        losses = [_loss(x) for x in state["pending_losses"]]
         _carry_metrics(Path(resume) / "metrics.jsonl", out / "metrics.jsonl", start)
     else:
         (out / "metrics.jsonl").write_text("")
-        losses: list[float] = []   # training losses since the last record
+        losses: list[Loss] = []   # training losses since the last record
 
-    def record(step: int, train_loss: float | None, val_loss: float | None) -> dict:
+    def record(step: int, train_loss: Loss | None, val_loss: float | None) -> dict:
         client_s, server_s = strategy.compute
         rec = {"step": step, "round": strategy.rounds, "strategy": strategy.name,
-               "train_loss": train_loss, "val_loss": val_loss,
+               "train_loss": train_loss.smoothed if train_loss else None,
+               "train_ce": train_loss.ce if train_loss else None, "val_loss": val_loss,
                "val_ppl": math.exp(val_loss) if val_loss is not None else None,
                "bytes_up": strategy.s.link.bytes_up, "bytes_down": strategy.s.link.bytes_down,
                "samples_seen": samples, "wall_s": round(wall, 4), "sim_time_s": round(sim, 9),
@@ -243,37 +307,48 @@ def train(cfg: Config, output: str | Path, resume: str | Path | None = None,
             f.write(json.dumps(rec) + "\n")
         return rec
 
+    def checkpoint(step: int) -> None:
+        save_checkpoint(out / "checkpoint", {
+            "step": step, "strategy": strategy.state_dict(), "rng": torch.get_rng_state(),
+            "wall_s": wall, "sim_s": sim, "client_flops": run.cost.client_flops, "samples_seen": samples,
+            "val_loss": last_val, "pending_losses": [list(x) for x in losses]})
+
     if start == 0:
         last_val = validation_loss(run)
         record(0, None, last_val)
 
     bar = tqdm(range(start, tcfg.max_steps), initial=start, total=tcfg.max_steps, desc=strategy.name,
                disable=not progress, dynamic_ncols=True, position=bar_position, leave=bar_position == 0)
-    for t in bar:
-        t0 = time.perf_counter()
-        loss, n = strategy.step(t)
-        if t == tcfg.max_steps - 1:
-            strategy.finish(t)
-        wall += time.perf_counter() - t0
-        sim += run.cost.step_seconds(strategy.take_work())
-        samples += n
-        losses.append(loss)
-        step = t + 1
-        last = step == tcfg.max_steps
-        val = None
-        if step % tcfg.eval_interval == 0 or last:
-            val = last_val = validation_loss(run)
-        if step % tcfg.log_interval == 0 or val is not None:
-            record(step, sum(losses) / len(losses), val)
-            bar.set_postfix(loss=f"{sum(losses) / len(losses):.3f}", val=f"{last_val:.3f}")
-            losses = []
-        if step % tcfg.checkpoint_interval == 0 or last:
-            save_checkpoint(out / "checkpoint", {
-                "step": step, "strategy": strategy.state_dict(), "rng": torch.get_rng_state(),
-                "wall_s": wall, "sim_s": sim, "client_flops": run.cost.client_flops, "samples_seen": samples, "val_loss": last_val,
-                "pending_losses": losses})
-        if on_step:
-            on_step(step)
+    with StopRequest() as stop:
+        for t in bar:
+            t0 = time.perf_counter()
+            loss, n = strategy.step(t)
+            if t == tcfg.max_steps - 1:
+                strategy.finish(t)
+            wall += time.perf_counter() - t0
+            sim += run.cost.step_seconds(strategy.take_work())
+            samples += n
+            losses.append(loss)
+            step = t + 1
+            last = step == tcfg.max_steps
+            val = None
+            if step % tcfg.eval_interval == 0 or last:
+                val = last_val = validation_loss(run)
+            if step % tcfg.log_interval == 0 or val is not None:
+                mean = Loss.mean(losses)
+                record(step, mean, val)
+                bar.set_postfix(loss=f"{mean.smoothed:.3f}", ce=f"{mean.ce:.3f}", val=f"{last_val:.3f}")
+                losses = []
+            saved = step % tcfg.checkpoint_interval == 0 or last or stop.signal
+            if saved:
+                checkpoint(step)
+            if on_step:
+                on_step(step)
+            if stop.signal and not last:
+                if not saved:
+                    checkpoint(step)
+                bar.close()
+                raise Interrupted(step, out / "checkpoint", stop.signal)
     bar.close()
 
     export_info = {}

@@ -144,10 +144,10 @@ class LinkedClient:
             activations_grad = self.link.down({"activations_grad": activations_grad}, self.cid, "grad")["activations_grad"]
         self.client.backward(activations_grad, global_step)
 
-    def local_step(self, global_step: int) -> tuple[float, int]:
+    def local_step(self, global_step: int):
         return self.client.local_step(global_step)
 
-    def top_step(self, server_out: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
+    def top_step(self, server_out: dict[str, torch.Tensor]):
         """U-shape: the server's output down, the gradient of it up."""
         down = self.link.down(server_out, self.cid, "server_activations")
         reply, loss = self.client.top_step(down["activations"])

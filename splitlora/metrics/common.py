@@ -5,13 +5,12 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from ..errors import MetricsError
+
 
 # Characters at which str.splitlines (and so the official scorer's line reader) breaks a line.
 LINE_BREAKS = re.compile("[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
 
-
-class MetricsError(ValueError):
-    """Malformed metric input; the message is one line naming the file/line or the item at fault."""
 
 
 def clean(text: str, what: str) -> str:
