@@ -102,6 +102,44 @@ def client_credentials(certs_dir, client_id: int) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
 
 
+def tls_refusal(address: str, certs_dir, client_id: int, timeout_s: float = 5.0) -> str | None:
+    """Why the server at `address` refuses client `client_id`'s TLS session, or None if it cannot be
+    reached (retry) or does not refuse it. gRPC reports a rejected certificate as a closed socket, which
+    looks like an unreachable server; a plain TLS handshake with the same files tells them apart."""
+    import socket
+    import ssl
+
+    d = Path(certs_dir)
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    context = ssl.create_default_context(cafile=str(d / "ca.pem"))
+    context.load_cert_chain(str(d / f"client-{client_id}.pem"), str(d / f"client-{client_id}.key"))
+    context.set_alpn_protocols(["h2"])
+    try:
+        raw = socket.create_connection((host, int(port)), timeout=timeout_s)
+    except OSError:
+        return None   # unreachable: not a refusal
+    try:
+        with context.wrap_socket(raw, server_hostname=host) as tls:
+            # TLS 1.3: the server judges the client's certificate after the handshake; its alert comes
+            # with the first read (an HTTP/2 preface makes the server speak at once)
+            tls.settimeout(timeout_s)
+            tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            if tls.recv(1) == b"":   # a server that accepts the session answers with its HTTP/2 settings
+                return (f"the server closed the TLS session after the handshake: it does not accept "
+                        f"{d / f'client-{client_id}.pem'} (issued by another CA?)")
+    except ssl.SSLCertVerificationError as e:
+        return f"the server's certificate does not verify against {d / 'ca.pem'} ({e.verify_message})"
+    except ssl.SSLError as e:
+        return f"the server refused the TLS session ({e.reason or e}): is {d / f'client-{client_id}.pem'} " \
+               "issued by the server's CA?"
+    except OSError:
+        return None
+    finally:
+        raw.close()
+    return None
+
+
 def peer_client_id(context) -> int | None:
     """The client index i of the peer's verified certificate (CommonName `client-{i}`), else None."""
     try:

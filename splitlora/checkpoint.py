@@ -61,20 +61,47 @@ def atomic_directory(target: str | os.PathLike):
 
 
 def save_checkpoint(directory: str | os.PathLike, state: dict) -> None:
+    """Write `state` atomically; a state holding a non-finite floating-point value is never written."""
     tensors: dict[str, torch.Tensor] = {}
     meta = split_tensors(state, tensors)
+    bad = next((k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise ValueError(f"refusing to write a checkpoint with non-finite values ({bad})")
     with atomic_directory(directory) as tmp:
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps(meta))
 
 
-def load_checkpoint(directory: str | os.PathLike) -> dict:
+def _complete(directory: Path) -> bool:
+    return (directory / "state.json").is_file() and (directory / "state.safetensors").is_file()
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint at `directory` (e.g. RUN/checkpoint): itself, else `<it>.old`
+    (a crash between the two renames of `atomic_directory`), else None."""
     directory = Path(directory)
-    if not (directory / "state.json").exists():
-        old = directory.with_name(directory.name + ".old")   # crashed between the two renames
-        if (old / "state.json").exists():
-            directory = old
-        else:
-            raise FileNotFoundError(f"--resume: no checkpoint at {directory}")
-    meta = json.loads((directory / "state.json").read_text())
-    return join_tensors(meta, load_file(str(directory / "state.safetensors")))
+    for candidate in (directory, directory.with_name(directory.name + ".old")):
+        if _complete(candidate):
+            return candidate
+    return None
+
+
+def remove_partial(directory: str | os.PathLike) -> list[Path]:
+    """Remove what interrupted writes of checkpoint `directory` left beside it (`<name>.XXXXXXXX` temp
+    folders; `<name>.old` is kept: it may be the newest complete one). Returns what was removed."""
+    directory = Path(directory)
+    gone = []
+    if directory.parent.is_dir():
+        for p in directory.parent.glob(directory.name + ".*"):
+            if p.is_dir() and p.name != directory.name + ".old":
+                shutil.rmtree(p, ignore_errors=True)
+                gone.append(p)
+    return gone
+
+
+def load_checkpoint(directory: str | os.PathLike) -> dict:
+    found = latest_checkpoint(directory)
+    if found is None:
+        raise FileNotFoundError(f"--resume: no complete checkpoint at {directory} (nor {Path(directory).name}.old)")
+    meta = json.loads((found / "state.json").read_text())
+    return join_tensors(meta, load_file(str(found / "state.safetensors")))

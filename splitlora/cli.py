@@ -17,7 +17,7 @@ import warnings
 
 # only light modules here: torch and transformers are imported by the command that needs them, so
 # `--help` and a config error answer at once
-from .errors import USER_ERRORS, ConfigError, Interrupted
+from .errors import USER_ERRORS, ConfigError, Interrupted, RunError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -297,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"splitlora: error: {e}", file=sys.stderr)
         return 2
+    except (RunError, OSError) as e:   # the run cannot go on (every client dropped out; a disk full): one line
+        print(f"splitlora: error: {e}", file=sys.stderr)
+        return 1
     except Interrupted as e:
         print(f"splitlora: stopped ({e.signal_name}) after step {e.step}; checkpoint in {e.checkpoint}; "
               f"continue with: {e.resume_command or '--resume'}", file=sys.stderr)

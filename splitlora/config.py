@@ -16,6 +16,7 @@ from .errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("splitlora")
+MAX_CONFIG_BYTES = 1 << 20
 
 
 
@@ -54,6 +55,10 @@ class StrategySection(_Section):
     num_clients: int = Field(3, ge=1)
     aggregation_interval: int = Field(100, ge=1)
     server_mode: Literal["shared", "per_client"] = "shared"
+    # how client adapters are combined (splitlora/robust.py): fedavg, clipped (update-norm clipping),
+    # median or trimmed_mean (coordinate-wise; trim_fraction of the clients dropped at each end)
+    aggregation: Literal["fedavg", "clipped", "median", "trimmed_mean"] = "fedavg"
+    trim_fraction: float = Field(0.2, ge=0, lt=0.5)
 
 
 class TrainSection(_Section):
@@ -79,7 +84,9 @@ class DeploySection(_Section):
     timeout_s: float = Field(120.0, gt=0)        # a client that does not answer in time leaves the round
     join_timeout_s: float = Field(600.0, gt=0)   # how long the server waits for all clients at start
     retries: int = Field(20, ge=0)               # client reconnection attempts (exponential backoff)
-    max_message_mb: int = Field(256, ge=1)
+    max_backoff_s: float = Field(30.0, gt=0)     # the longest wait between two attempts
+    max_message_mb: int | None = Field(None, ge=1)   # None: from the model's sizes (the largest expected message)
+    bound_factor: float = Field(100.0, gt=1)     # activations/gradients up to this x what the model produces
     hello_timeout_s: float = Field(10.0, gt=0)   # a new session must say hello within this time
     max_pending_sessions: int = Field(2, ge=1)   # sessions per client certificate still waiting for hello
 
@@ -192,6 +199,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     if path is not None:
         source = str(path)
         try:
+            size = Path(path).stat().st_size
+            if size > MAX_CONFIG_BYTES:
+                raise ConfigError(f"--config: {path} is {size / 2**20:.1f} MiB; a config is at most "
+                                  f"{MAX_CONFIG_BYTES >> 20} MiB (is this the right file?)")
             tree = yaml.safe_load(Path(path).read_text()) or {}
         except FileNotFoundError:
             raise ConfigError(f"--config: file not found: {path}") from None

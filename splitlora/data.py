@@ -63,14 +63,37 @@ def format_mr(attributes: dict[str, str]) -> str:
     return " | ".join(f"{key} : {value}" for key, value in attributes.items()) + "||"
 
 
+MAX_LINE_BYTES = 1 << 20   # one example (a CSV row, a JSONL line): longer is refused before it is held
+
+
+class _BoundedLines:
+    """Text lines of a file, each at most MAX_LINE_BYTES (read with a bounded readline, so a huge line
+    costs no more memory than the bound), with errors that name the file and line."""
+
+    def __init__(self, path: Path, encoding: str):
+        self.path, self.encoding, self.line_no = path, encoding, 0
+
+    def __iter__(self):
+        with self.path.open("rb") as handle:
+            while line := handle.readline(MAX_LINE_BYTES + 1):
+                self.line_no += 1
+                if len(line) > MAX_LINE_BYTES:
+                    raise DataError(f"{self.path}:{self.line_no}: a line longer than {MAX_LINE_BYTES >> 20} MiB "
+                                    "(is this the right file?)")
+                try:
+                    yield line.decode(self.encoding if self.line_no == 1 else "utf-8")
+                except UnicodeDecodeError:
+                    raise DataError(f"{self.path}:{self.line_no}: not UTF-8 text (a binary file?)") from None
+
+
 def load_e2e(path: str | Path) -> list[Example]:
     """Load an E2E NLG csv (columns ``mr``, ``ref``); one Example per row."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     examples = []
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        reader = csv.DictReader(handle)
+    reader = csv.DictReader(_BoundedLines(path, "utf-8-sig"))
+    try:
         missing = {"mr", "ref"} - set(reader.fieldnames or [])
         if missing:
             raise DataError(f"{path}: missing column(s) {sorted(missing)}; found {reader.fieldnames}")
@@ -83,6 +106,8 @@ def load_e2e(path: str | Path) -> list[Example]:
             except DataError as err:
                 raise DataError(f"{path}:{reader.line_num}: field 'mr': {err}") from None
             examples.append(Example(format_mr(attributes), " " + ref.strip(), attributes, mr))
+    except csv.Error as err:
+        raise DataError(f"{path}:{reader.line_num}: not a CSV row ({err})") from None
     return examples
 
 
@@ -92,21 +117,20 @@ def load_jsonl(path: str | Path) -> list[Example]:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     examples = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{line_no}: invalid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
-            for key in ("prompt", "completion"):
-                if not isinstance(record.get(key), str):
-                    problem = "missing" if key not in record else f"not a string ({type(record[key]).__name__})"
-                    raise DataError(f"{path}:{line_no}: field {key!r} {problem}")
-            examples.append(Example(record["prompt"], record["completion"], {}, record["prompt"]))
+    for line_no, line in enumerate(_BoundedLines(path, "utf-8"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{line_no}: invalid JSON ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+        for key in ("prompt", "completion"):
+            if not isinstance(record.get(key), str):
+                problem = "missing" if key not in record else f"not a string ({type(record[key]).__name__})"
+                raise DataError(f"{path}:{line_no}: field {key!r} {problem}")
+        examples.append(Example(record["prompt"], record["completion"], {}, record["prompt"]))
     return examples
 
 

@@ -34,6 +34,10 @@ class DecodeError(RuntimeError):
     """Decoding that would be wrong (a KV cache that did not reach the parts); the message says why."""
 
 
+class RunError(RuntimeError):
+    """A run that cannot go on (no client left to train); the message says why, in one line."""
+
+
 class Interrupted(KeyboardInterrupt):
     """Training stopped by SIGINT/SIGTERM after the step under way, with a checkpoint written."""
 
@@ -44,4 +48,4 @@ class Interrupted(KeyboardInterrupt):
 
 
 USER_ERRORS = (ConfigError, DataError, MetricsError, ModelError, SplitError, CertError, CostError, DecodeError,
-               FileNotFoundError, FileExistsError, ConnectionError, TimeoutError)
+               FileNotFoundError, FileExistsError, PermissionError, ConnectionError, TimeoutError)

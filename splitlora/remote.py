@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import queue
+import secrets
 import struct
 import threading
 import time
@@ -25,7 +26,8 @@ import torch
 from safetensors.torch import load as st_load
 
 from .checkpoint import join_tensors, split_tensors
-from .roles import ClientDropped, Loss
+from .limits import HELLO_HEADER, ValueBounds, check_values
+from .roles import BadUpdate, ClientDropped, Loss
 from .wire import dequantize, encode
 
 SERVICE, METHOD = "splitlora.Split", "Session"
@@ -40,12 +42,16 @@ def pack(kind: str, tensors: dict | None = None, meta: dict | None = None, preci
     return encode(tensors or {}, precision, {"kind": kind, "meta": json.dumps(meta or {})})
 
 
-def unpack(data: bytes, max_bytes: int) -> tuple[str, dict[str, torch.Tensor], dict]:
-    """(kind, tensors, meta) of a message, or BadMessage."""
+def unpack(data: bytes, max_bytes: int, max_header: int = HELLO_HEADER) -> tuple[str, dict[str, torch.Tensor], dict]:
+    """(kind, tensors, meta) of a message, or BadMessage. Sizes are checked before anything is parsed."""
     if len(data) > max_bytes:
         raise BadMessage(f"message of {len(data)} bytes exceeds the {max_bytes}-byte limit")
+    if len(data) < 8:
+        raise BadMessage("not a splitlora message (shorter than a safetensors header)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > max_header:
+        raise BadMessage(f"a header of {n} bytes exceeds the {max_header}-byte bound for this run's messages")
     try:
-        (n,) = struct.unpack("<Q", data[:8])
         header = json.loads(data[8:8 + n])
         info = header.get("__metadata__") or {}
         kind, meta = info["kind"], json.loads(info.get("meta", "{}"))
@@ -72,7 +78,7 @@ def _count(x) -> int:
 
 @dataclass
 class Expectations:
-    """What replies from clients must look like."""
+    """What replies from clients must look like (sizes and value bounds: `limits`)."""
 
     hidden: int
     vocab: int
@@ -81,6 +87,9 @@ class Expectations:
     adapter_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     max_bytes: int = 256 << 20
     labels: bool = True    # False under the U-shaped split: the client keeps its labels
+    max_header: int = 1 << 20
+    bounds: ValueBounds = field(default_factory=ValueBounds)
+    num_samples: int | None = None   # the client's share of the data as the run partitions it
 
 
 def _finite(name: str, t: torch.Tensor) -> None:
@@ -100,7 +109,11 @@ def check_smashed(t: dict[str, torch.Tensor], e: Expectations) -> None:
         raise BadMessage(f"activations of shape {list(a.shape)} exceed batch {e.batch_size} x {e.max_length}")
     if m.dtype != torch.bool or list(m.shape) != [b, n]:
         raise BadMessage(f"attention_mask must be bool [{b}, {n}], got {m.dtype} {list(m.shape)}")
+    if not m.any(dim=1).all():
+        raise BadMessage("attention_mask selects no token in some example")
     _finite("activations", a)
+    if (why := check_values("activations", a, e.bounds.act_norm, e.bounds.act_abs)) is not None:
+        raise BadMessage(why)
     if not e.labels:
         return
     y = t["labels"]
@@ -178,6 +191,7 @@ class RemoteClient:
         self.cid, self.hub = cid, hub
         self.session: Session | None = None
         self.num_samples = self.num_trainable = 0
+        self.hello_step = 0        # steps the client had done when it said hello (state of an earlier run)
         self.compute_s = 0.0
         self.last_shape: tuple[int, int] = (0, 0)
         self.expect: Expectations | None = None
@@ -191,9 +205,11 @@ class RemoteClient:
         session = self.session
         if session is None or session.closed.is_set():
             raise ClientDropped(f"client {self.cid}: not connected")
-        data = pack(kind, tensors, meta, self.hub.precision if lossy else "fp32")
+        nonce = secrets.randbits(62)   # the reply must echo it: a stale or replayed reply cannot
+        data = pack(kind, tensors, {**(meta or {}), "nonce": nonce}, self.hub.precision if lossy else "fp32")
         stats = self.hub.stats if count else WireStats()   # evaluation reads are measurements, not traffic
         stats.add(self.cid, down=len(data), kind=_LOG_KIND.get(kind, "command"))
+        sent = time.monotonic()
         session.outbox.put(("msg", data))
         try:
             answer = session.inbox.get(timeout=self.hub.timeout_s)
@@ -203,8 +219,11 @@ class RemoteClient:
         if answer is None:
             raise ClientDropped(f"client {self.cid}: disconnected")
         stats.add(self.cid, up=len(answer), kind=_LOG_KIND.get(reply, "reply"))
+        elapsed = time.monotonic() - sent
         try:
-            got, out, rmeta = unpack(answer, self.expect.max_bytes)
+            got, out, rmeta = unpack(answer, self.expect.max_bytes, self.expect.max_header)
+            if got == "error" and isinstance(rmeta.get("error"), str):
+                raise BadMessage(f"it could not carry out {kind}: {rmeta['error'][:300]}")
             if got != reply:
                 raise BadMessage(f"expected a {reply!r} reply to {kind}, got {got!r}")
             if reply == "smashed":
@@ -220,11 +239,14 @@ class RemoteClient:
                 if not (isinstance(shape, list) and len(shape) == 2 and all(map(_count, shape))):
                     raise BadMessage("loss reply needs the batch shape [B, T]")
             elif reply == "top":
-                sent = tensors["activations"]
+                sent_x = tensors["activations"]
                 g = out.get("activations_grad")
-                if set(out) != {"activations_grad"} or g.dtype != torch.float32 or g.shape != sent.shape:
-                    raise BadMessage(f"top reply needs activations_grad of shape {list(sent.shape)}")
+                if set(out) != {"activations_grad"} or g.dtype != torch.float32 or g.shape != sent_x.shape:
+                    raise BadMessage(f"top reply needs activations_grad of shape {list(sent_x.shape)}")
                 _finite("activations_grad", g)
+                bounds = self.expect.bounds
+                if (why := check_values("activations_grad", g, bounds.grad_norm, bounds.grad_abs)) is not None:
+                    raise BadMessage(why)
                 if not (_number(rmeta.get("loss")) and _number(rmeta.get("ce")) and _count(rmeta.get("n"))):
                     raise BadMessage("top reply needs a finite loss and ce and a positive n")
             elif reply == "state":
@@ -232,13 +254,30 @@ class RemoteClient:
                     out = join_tensors(rmeta["state"], out)
                 except Exception:  # noqa: BLE001 - any malformed state is the sender's fault
                     raise BadMessage("state reply is not a client state") from None
-            if "compute_s" in rmeta and not _number(rmeta["compute_s"]):
-                raise BadMessage("compute_s must be a finite number")
+            if rmeta.get("nonce") != nonce:   # checked last, so a malformed reply is refused for what is wrong
+                raise BadMessage(f"the reply to {kind} answers another command (stale or replayed)")
+            if "compute_s" in rmeta:
+                c = rmeta["compute_s"]
+                if not (_number(c) and c >= 0):
+                    raise BadMessage("compute_s must be a finite number >= 0")
+                if c > self.compute_s + elapsed + 1.0:   # a lower value: a restarted client process
+                    raise BadMessage(f"compute_s grew by {c - self.compute_s:.3g} s during a {elapsed:.3g} s command")
         except BadMessage as e:
             session.close(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             raise ClientDropped(f"client {self.cid}: refused its message: {e}") from None
         self.compute_s = float(rmeta.get("compute_s", self.compute_s))
         return out, rmeta
+
+    def refuse(self, reason: str) -> None:
+        """The strategy refused what this client sent (out of bounds): its session ends, saying why."""
+        if self.session is not None:
+            self.session.close(grpc.StatusCode.INVALID_ARGUMENT, reason)
+
+    def reset_if_ahead(self) -> None:
+        """A run that starts at step 0: a client that reconnected with state from an earlier run (its
+        hello says how many steps it has done) is told to start over from its initial state."""
+        if self.hello_step > 0:
+            self._call("reset", meta={"server_step": 0})
 
     def forward(self):
         out, meta = self._call("forward", reply="smashed")
@@ -269,8 +308,10 @@ class RemoteClient:
         return self._call("state_dict", reply="state")[0]
 
     def load_state_dict(self, state: dict) -> None:
+        self.compute_s = float(state.get("compute_s", self.compute_s))   # the client's count restarts from it
         tensors: dict[str, torch.Tensor] = {}
-        self._call("load_state_dict", tensors, {"state": split_tensors(state, tensors)})
+        self._call("load_state_dict", tensors, {"state": split_tensors(state, tensors),
+                                                "server_step": self.hub.start_step})
 
 
 class Hub:
@@ -288,6 +329,7 @@ class Hub:
         self.hello_timeout_s, self.max_pending = hello_timeout_s, max_pending
         self.max_pending_total = num_clients + 8
         self.stats = WireStats()
+        self.start_step = 0      # the step the server's run starts (or resumes) at
         self.joined = threading.Condition()
         self._lock = threading.Lock()
         self._pending: Counter = Counter()   # sessions waiting for hello, per certificate (None: insecure)
@@ -299,7 +341,10 @@ class Hub:
         return len(self.proxies) + self.max_pending_total
 
     def configure(self, cid: int, expect: Expectations) -> RemoteClient:
+        """What client `cid`'s messages must look like; the hub's message limit becomes the largest any
+        configured client may send."""
         self.proxies[cid].expect = expect
+        self.max_bytes = max(p.expect.max_bytes for p in self.proxies if p.expect is not None)
         return self.proxies[cid]
 
     def _refuse(self, context, code, details: str):
@@ -349,26 +394,34 @@ class Hub:
             try:
                 if first is None:
                     raise BadMessage("empty session")
-                kind, _, meta = unpack(first, self.max_bytes)
+                kind, _, meta = unpack(first, self.max_bytes, HELLO_HEADER)
                 if kind != "hello":
                     raise BadMessage(f"a session starts with hello, not {kind!r}")
                 cid = meta.get("client_id")
                 if not isinstance(cid, int) or isinstance(cid, bool) or not 0 <= cid < len(self.proxies):
                     self._refuse(context, grpc.StatusCode.NOT_FOUND, f"unknown client id {cid!r}")
-                trainable = meta.get("num_trainable")
+                trainable, step = meta.get("num_trainable"), meta.get("step", 0)
                 if not _count(meta.get("num_samples")) or not (_count(trainable) or trainable == 0):
                     raise BadMessage("hello needs num_samples in [1, 2**31) and num_trainable >= 0")
+                if not (_count(step) or step == 0):
+                    raise BadMessage("hello needs step >= 0")
             except BadMessage as e:
                 self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
             if self.secure and peer != cid:
                 self._refuse(context, grpc.StatusCode.PERMISSION_DENIED,
                              f"client certificate is for client {peer}, not {cid}")
+            expected = self.proxies[cid].expect.num_samples if self.proxies[cid].expect else None
+            if expected is not None and meta["num_samples"] != expected:   # its weight in every average
+                self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
+                             f"hello: client {cid} claims {meta['num_samples']} training examples; the run's "
+                             f"partition gives it {expected}")
         finally:
             self._release(peer)
         proxy = self.proxies[cid]
         if proxy.session is not None:
             proxy.session.close(grpc.StatusCode.ABORTED, "replaced by a new session of the same client")
         proxy.num_samples, proxy.num_trainable = int(meta.get("num_samples", 0)), int(meta.get("num_trainable", 0))
+        proxy.hello_step = int(meta.get("step", 0))
         proxy.session = session
         context.add_callback(session.close)
         with self.joined:
@@ -399,32 +452,55 @@ class Hub:
 
 
 def serve_client(client, channel_factory, client_id: int, precision: str = "fp32", retries: int = 10,
-                 backoff_s: float = 0.5, max_bytes: int = 256 << 20, log=print, on_step=None) -> None:
+                 backoff_s: float = 0.5, max_bytes: int = 256 << 20, log=print, on_step=None,
+                 max_header: int = 1 << 20, diagnose=None, max_backoff_s: float = 30.0) -> None:
     """Run one client role against the server until it says done; reconnect with bounded backoff.
-    `on_step(step)` is called with the global step of each training command (for progress)."""
+
+    `on_step(step)` is called with the steps done after each training command (for progress). A refusal
+    (certificate, identity, a message out of bounds at the door) stops at once: ConnectionRefusedError
+    with the server's reason. When the server cannot be reached, `diagnose()` (if given) may tell a TLS
+    refusal from an unreachable server (a certificate the server rejects looks like a closed socket to
+    gRPC); otherwise it retries. The hello says how many steps this client has done, so a server whose
+    run is older can resynchronise it (load_state_dict, or reset for a new run)."""
     fatal = {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.NOT_FOUND}
+    initial = {k: v for k, v in client.state_dict().items() if k != "noise"}   # for a server's `reset`
+    progress = {"step": 0}
     attempt = 0
     while True:
         outbox: queue.Queue = queue.Queue()
         outbox.put(pack("hello", meta={"client_id": client_id, "num_samples": client.num_samples,
-                                       "num_trainable": client.num_trainable}))
+                                       "num_trainable": client.num_trainable, "step": progress["step"]}))
         channel = channel_factory()
+        admitted = False   # a refusal before the first command is the door's: retrying cannot help
         try:
             replies = channel.stream_stream(FULL_METHOD)(iter(outbox.get, None))
             for data in replies:
-                attempt = 0
-                kind, tensors, meta = unpack(data, max_bytes)
+                attempt, admitted = 0, True
+                try:
+                    kind, tensors, meta = unpack(data, max_bytes, max_header)
+                except BadMessage as e:
+                    raise ConnectionError(f"client {client_id}: the server sent a malformed message: {e}") from None
                 if kind == "done":
                     outbox.put(None)
                     log(f"client {client_id}: training finished")
                     return
-                outbox.put(answer(client, kind, tensors, meta, precision))
-                if on_step is not None and isinstance(meta.get("step"), int):
-                    on_step(meta["step"] + 1)
+                if kind in ("reset", "load_state_dict") and progress["step"] > meta.get("server_step", 0):
+                    log(f"client {client_id}: the server's run is at step {meta.get('server_step', 0)}, this client "
+                        f"was at step {progress['step']}: taking the server's state")
+                outbox.put(answer(client, kind, tensors, meta, precision, initial))
+                if kind in ("reset", "load_state_dict") and isinstance(meta.get("server_step"), int):
+                    progress["step"] = meta["server_step"]
+                elif isinstance(meta.get("step"), int):
+                    progress["step"] = meta["step"] + 1
+                    if on_step is not None:
+                        on_step(progress["step"])
             log(f"client {client_id}: session ended by the server; reconnecting")
         except grpc.RpcError as e:
-            if e.code() in fatal:
+            if e.code() in fatal or (e.code() == grpc.StatusCode.INVALID_ARGUMENT and not admitted):
                 raise ConnectionRefusedError(f"server refused client {client_id}: {e.details()}") from None
+            why = diagnose() if diagnose is not None and e.code() == grpc.StatusCode.UNAVAILABLE else None
+            if why:
+                raise ConnectionRefusedError(f"client {client_id}: cannot connect: {why}") from None
             log(f"client {client_id}: {e.code().name}: {e.details()}")
         finally:
             outbox.put(None)
@@ -432,48 +508,60 @@ def serve_client(client, channel_factory, client_id: int, precision: str = "fp32
         attempt += 1
         if attempt > retries:
             raise ConnectionError(f"client {client_id}: gave up after {retries} reconnection attempts")
-        time.sleep(min(backoff_s * 2 ** (attempt - 1), 30.0))
+        time.sleep(min(backoff_s * 2 ** (attempt - 1), max_backoff_s))
 
 
-def answer(client, kind: str, tensors: dict, meta: dict, precision: str) -> bytes:
-    """Carry out one server command with the client role; the reply message. What the server sends is
-    checked too: a gradient must match the pending activations and every tensor must be finite."""
+def answer(client, kind: str, tensors: dict, meta: dict, precision: str, initial: dict | None = None) -> bytes:
+    """Carry out one server command with the client role; the reply message (echoing the command's nonce).
+    What the server sends is checked too: a gradient must match the pending activations and every tensor
+    must be finite. A step whose values turn non-finite is skipped and reported as an error."""
+    try:
+        reply_kind, out, reply_meta, wire = _answer(client, kind, tensors, meta, initial)
+    except BadUpdate as e:
+        reply_kind, out, reply_meta, wire = "error", {}, {"error": str(e)}, "fp32"
+    return pack(reply_kind, out, {**reply_meta, "nonce": meta.get("nonce")}, precision if wire == "lossy" else "fp32")
+
+
+def _answer(client, kind: str, tensors: dict, meta: dict, initial: dict | None):
+    """(reply kind, tensors, meta, "lossy" | "fp32") of one command."""
     done = {"compute_s": client.compute_s}
     for name, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
-            return pack("error", meta={"error": f"{kind}: {name} holds NaN or infinite values"})
+            return "error", {}, {"error": f"{kind}: {name} holds NaN or infinite values"}, "fp32"
     if kind == "backward":
         pending = getattr(client, "_activations", None)
         grad = tensors.get("activations_grad")
         if pending is None or grad is None or grad.shape != pending.shape:
-            return pack("error", meta={"error": "backward: the gradient does not match the pending activations"})
+            return "error", {}, {"error": "backward: the gradient does not match the pending activations"}, "fp32"
     if kind == "top_step":
         pending = getattr(client, "_activations", None)
         x = tensors.get("activations")
         if pending is None or x is None or x.shape != pending.shape or getattr(client.part, "top", None) is None:
-            return pack("error", meta={"error": "top_step: the activations do not match the pending batch"})
+            return "error", {}, {"error": "top_step: the activations do not match the pending batch"}, "fp32"
         reply, loss = client.top_step(x)
-        return pack("top", reply, {"loss": loss.smoothed, "ce": loss.ce, "n": int(x.shape[0]),
-                                   "compute_s": client.compute_s}, precision)
+        return "top", reply, {"loss": loss.smoothed, "ce": loss.ce, "n": int(x.shape[0]),
+                              "compute_s": client.compute_s}, "lossy"
     if kind == "forward":
         msg, n = client.forward()
-        return pack("smashed", msg, {"n": n, "compute_s": client.compute_s}, precision)
+        return "smashed", msg, {"n": n, "compute_s": client.compute_s}, "lossy"
     if kind == "backward":
         client.backward(tensors["activations_grad"], int(meta["step"]))
     elif kind == "local_step":
         loss, n = client.local_step(int(meta["step"]))
-        return pack("loss", meta={"loss": loss.smoothed, "ce": loss.ce, "n": n, "shape": list(client.last_shape),
-                                  "compute_s": client.compute_s})
+        return "loss", {}, {"loss": loss.smoothed, "ce": loss.ce, "n": n, "shape": list(client.last_shape),
+                            "compute_s": client.compute_s}, "fp32"
     elif kind == "adapter_state":
-        return pack("adapter", client.adapter_state(), done)
+        return "adapter", client.adapter_state(), done, "fp32"
     elif kind == "load_adapter_state":
         client.load_adapter_state(tensors)
     elif kind == "state_dict":   # the noise generator's state stays with the client (it would undo the noise)
         out: dict[str, torch.Tensor] = {}
         state = {k: v for k, v in client.state_dict().items() if k != "noise"}
-        return pack("state", out, {"state": split_tensors(state, out)})
+        return "state", out, {"state": split_tensors(state, out)}, "fp32"
     elif kind == "load_state_dict":
         client.load_state_dict(join_tensors(meta["state"], tensors))
+    elif kind == "reset" and initial is not None:   # a new run on the server: start over
+        client.load_state_dict(initial)
     else:
-        return pack("error", meta={"error": f"unknown command {kind!r}"})
-    return pack("ack", meta={"compute_s": client.compute_s})
+        return "error", {}, {"error": f"unknown command {kind!r}"}, "fp32"
+    return "ack", {}, {"compute_s": client.compute_s}, "fp32"

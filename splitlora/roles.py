@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from . import robust
 from .data import BatchStream
 from .split import ModelPart
 from .wire import smashed_message
@@ -112,6 +113,15 @@ class ClientDropped(RuntimeError):
     """A client that disconnected or missed its deadline; the strategy goes on without it."""
 
 
+class BadUpdate(ClientDropped):
+    """A client whose batch or upload would make the model non-finite or is out of bounds: the update is
+    skipped, the client sits out the round, training goes on."""
+
+
+def all_finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None)
+
+
 class Learner:
     """A model part with its own AdamW: the trainable state of one role."""
 
@@ -120,12 +130,21 @@ class Learner:
         self.params = part.trainable_parameters()
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    def step(self, global_step: int) -> None:
+    def step(self, global_step: int) -> bool:
+        """One AdamW step, unless a gradient is not finite: then the gradients are dropped, nothing
+        changes, and False is returned (the state never becomes non-finite)."""
+        if not all_finite(p.grad for p in self.params):
+            self.optimizer.zero_grad(set_to_none=True)
+            return False
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(global_step, self.cfg)
         if self.cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def discard(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict:
@@ -189,6 +208,11 @@ class Client:
         x = activations.detach().requires_grad_(True)
         loss, value = lm_losses(self.part.top(x, mask), labels, self.learner.cfg.label_smoothing)
         loss.backward()
+        if not all_finite([loss, x.grad]):
+            self.learner.discard()
+            self._activations = None
+            raise BadUpdate(f"client {self.cid}: the server's activations gave a non-finite loss or gradient; "
+                            "the step is skipped")
         grad = self.privacy.apply_grad(x.grad, self.noise)
         self.compute_s += time.perf_counter() - t0
         return {"activations_grad": grad}, value
@@ -202,8 +226,10 @@ class Client:
         if activations_grad is not None:
             self._activations.backward(activations_grad)
         self._activations = None
-        self.learner.step(global_step)
+        stepped = self.learner.step(global_step)
         self.compute_s += time.perf_counter() - t0
+        if not stepped:
+            raise BadUpdate(f"client {self.cid}: a non-finite gradient; the step is skipped")
 
     def local_step(self, global_step: int) -> tuple[Loss, int]:
         """A whole-model training step on the next batch; returns (loss, batch size)."""
@@ -216,8 +242,10 @@ class Client:
         logits = self.part(batch["input_ids"], batch["attention_mask"])
         loss, value = lm_losses(logits, batch["labels"], self.learner.cfg.label_smoothing)
         loss.backward()
-        self.learner.step(global_step)
+        stepped = self.learner.step(global_step)
         self.compute_s += time.perf_counter() - t0
+        if not (stepped and all_finite([loss])):
+            raise BadUpdate(f"client {self.cid}: a non-finite loss or gradient; the step is skipped")
         return value, len(batch["input_ids"])
 
     def set_frozen(self, keys: set[str]) -> None:
@@ -288,9 +316,15 @@ class MainServer:
         logits = self.views.get(cid, learner.part)(activations, msg["attention_mask"].long())
         loss, value = lm_losses(logits, msg["labels"].long(), self.cfg.label_smoothing)
         loss.backward()
-        learner.step(global_step)
+        grad = activations.grad
+        if not all_finite([loss, grad]):
+            learner.discard()
+        elif learner.step(global_step):
+            self.compute_s += time.perf_counter() - t0
+            return {"activations_grad": grad}, value
         self.compute_s += time.perf_counter() - t0
-        return {"activations_grad": activations.grad}, value
+        raise BadUpdate(f"client {cid}: its smashed activations gave a non-finite loss or gradient at the server; "
+                        "the server's step is skipped")
 
     def middle_forward(self, cid: int, msg: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """U-shape: the client's smashed activations through the server's blocks; their output goes back."""
@@ -299,8 +333,10 @@ class MainServer:
         learner.part.train()
         x = msg["activations"].detach().requires_grad_(True)
         out = self.views.get(cid, learner.part)(x, msg["attention_mask"].long())
-        self._middle[cid] = (x, out)
         self.compute_s += time.perf_counter() - t0
+        if not all_finite([out]):
+            raise BadUpdate(f"client {cid}: its smashed activations gave non-finite values at the server")
+        self._middle[cid] = (x, out)
         return {"activations": out.detach()}
 
     def middle_backward(self, cid: int, grad: torch.Tensor, global_step: int, return_grad: bool = True
@@ -315,7 +351,10 @@ class MainServer:
         inputs = [x] if return_grad else []
         inputs += [p for p in self.views.get(cid, learner.part).trainable_parameters() if p.requires_grad]
         torch.autograd.backward(out, grad, inputs=inputs)
-        learner.step(global_step)
+        if not (all_finite([x.grad]) and learner.step(global_step)):
+            learner.discard()
+            self.compute_s += time.perf_counter() - t0
+            raise BadUpdate(f"client {cid}: a non-finite gradient at the server; the server's step is skipped")
         self.compute_s += time.perf_counter() - t0
         return {"activations_grad": x.grad if return_grad else None}
 
@@ -337,20 +376,22 @@ class MainServer:
 
 def fedavg(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
     """Weighted average of adapter states, tensor by tensor (A and B each averaged, as FedAvg does)."""
-    if not states or len(states) != len(weights):
-        raise ValueError("fedavg() needs one weight per adapter state")
-    total = float(sum(weights))
-    return {k: sum(s[k] * (w / total) for s, w in zip(states, weights, strict=True)) for k in states[0]}
+    return robust.aggregate("fedavg", states, weights)
 
 
 class FedServer:
-    """Aggregation: FedAvg of adapter tensors weighted by client sample counts."""
+    """Aggregation of client adapters by `method` (`robust.AGGREGATIONS`; default FedAvg weighted by
+    client sample counts)."""
 
-    def __init__(self):
+    def __init__(self, method: str = "fedavg", trim_fraction: float = 0.2):
+        self.method, self.trim_fraction = method, trim_fraction
         self.compute_s = 0.0
 
-    def aggregate(self, states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+    def aggregate(self, states: list[dict[str, torch.Tensor]], weights: list[float],
+                  reference: dict[str, torch.Tensor] | None = None, method: str | None = None) -> dict[str, torch.Tensor]:
+        """The clients' adapters by this server's method (`method` overrides it: the server's own per-client
+        copies are averaged with plain FedAvg)."""
         t0 = time.perf_counter()
-        out = fedavg(states, weights)
+        out = robust.aggregate(method or self.method, states, weights, reference, self.trim_fraction)
         self.compute_s += time.perf_counter() - t0
         return out

@@ -20,9 +20,12 @@ from typing import Callable
 
 import torch
 
+from . import robust
 from .cost import StepWork
 from .data import BatchStream
-from .roles import Client, ClientDropped, FedServer, Loss, MainServer, OptimConfig, Privacy, fedavg
+from .errors import RunError
+from .roles import (BadUpdate, Client, ClientDropped, FedServer, Loss, MainServer, OptimConfig, Privacy,
+                    all_finite, fedavg, lr_at)
 from .split import ModelPart, full_part, split_model, split_u
 from .wire import Link, LinkedClient, data_message
 
@@ -73,6 +76,14 @@ class Strategy:
         self.dropouts: list[dict] = []    # {"step", "client", "reason"} each time a client left a round
         self.t = -1                       # the step under way (evaluations happen after it)
         self.work = StepWork()            # what the step under way computed and sent (cost model)
+        self.reference: dict[str, torch.Tensor] | None = None   # the global client adapter clients start from
+        self.last_aggregation = 0         # steps done at the last aggregation (or hand-off)
+        self.skipped_updates = 0          # steps skipped because a client's batch gave non-finite values
+        self.refused_updates = 0          # uploads refused as out of bounds
+
+    def _start_from(self, client_part) -> None:
+        """The clients' initial adapter: the reference their first uploads are bounded against."""
+        self.reference = client_part.adapter_state()
 
     def step(self, t: int) -> tuple[Loss, int]:
         """One global step (0-based t); returns (mean training loss, samples processed)."""
@@ -106,20 +117,53 @@ class Strategy:
         return [c for c in self.clients if c.cid not in self.dropped]
 
     def guarded(self, t: int, client, fn: Callable) -> tuple[bool, object]:
-        """(True, fn(client)), or (False, None) if the client dropped out: it then sits out the round."""
+        """(True, fn(client)), or (False, None) if the client dropped out or its update was skipped
+        (non-finite values): it then sits out the round."""
         try:
             return True, fn(client)
         except ClientDropped as e:
-            self.dropped.add(client.cid)
-            self.dropouts.append({"step": t + 1, "client": client.cid, "reason": str(e)})
+            if isinstance(e, BadUpdate):
+                self.skipped_updates += 1
+            self._drop(t, client, str(e))
             return False, None
+
+    def _drop(self, t: int, client, reason: str) -> None:
+        self.dropped.add(client.cid)
+        self.dropouts.append({"step": t + 1, "client": client.cid, "reason": reason})
+
+    def _no_client_left(self, t: int, what: str) -> RunError:
+        recent = "; ".join(f"client {d['client']} at step {d['step']}: {d['reason']}" for d in self.dropouts[-3:])
+        return RunError(f"step {t + 1}: no client left to {what}" + (f" (last dropouts: {recent})" if recent else ""))
 
     def _each(self, t: int, fn: Callable) -> tuple[Loss, int]:
         self.t = t
         results = [r for c in self.live() for ok, r in [self.guarded(t, c, fn)] if ok]
         if not results:
-            raise RuntimeError(f"step {t + 1}: no client left to train")
+            raise self._no_client_left(t, "train")
         return Loss.mean([r[0] for r in results]), sum(r[1] for r in results)
+
+    def _bounded(self, t: int, uploads: list) -> list:
+        """The (client, adapter) uploads whose change from the reference AdamW could have made in the steps
+        since the last aggregation (`robust.update_bound`); the others are refused (the client is told
+        why and sits out the round) and never reach the aggregate."""
+        if self.reference is None:
+            return uploads
+        steps = range(self.last_aggregation, t + 1)
+        largest = max((v.abs().max().item() for v in self.reference.values()), default=0.0)
+        bound = robust.update_bound([lr_at(s, self.s.optim) for s in steps], self.s.optim.weight_decay, largest)
+        kept = []
+        for c, state in uploads:
+            change = robust.max_abs_change(state, self.reference)
+            if change <= bound:
+                kept.append((c, state))
+                continue
+            reason = (f"client {c.cid}: refused its adapter: a value changed by {change:.3g}, more than the "
+                      f"{bound:.3g} AdamW can move one in {len(steps)} steps (x{robust.MARGIN:g})")
+            self.refused_updates += 1
+            self._drop(t, c, reason)
+            if hasattr(c, "refuse"):
+                c.refuse(reason)
+        return kept
 
     @property
     def weights(self) -> list[int]:
@@ -129,13 +173,20 @@ class Strategy:
         """FedAvg of the live clients' adapters, weighted by samples; every connected client (the
         ones that dropped out and came back too) gets the average and is live again."""
         uploads = [(c, s) for c in self.live() for ok, s in [self.guarded(t, c, lambda c: c.adapter_state())] if ok]
+        uploads = self._bounded(t, uploads)
         if not uploads:
-            raise RuntimeError(f"step {t + 1}: no client left to aggregate")
-        avg = self.s.fed.aggregate([s for _, s in uploads], [c.num_samples for c, _ in uploads])
+            raise self._no_client_left(t, "aggregate")
+        reference = None if self.reference is None else {k: self.reference[k] for k in uploads[0][1]}
+        avg = self.s.fed.aggregate([s for _, s in uploads], [c.num_samples for c, _ in uploads], reference)
+        if not all_finite(avg.values()):   # cannot happen with bounded, finite uploads; never let it through
+            raise RunError(f"step {t + 1}: the aggregate of {len(uploads)} bounded uploads is not finite")
         for c in self.clients:
             if getattr(c, "connected", True) and self.guarded(t, c, lambda c: c.load_adapter_state(avg))[0]:
                 self.dropped.discard(c.cid)   # a client that came back rejoins with the global adapter
         self.rounds += 1
+        if self.reference is not None:
+            self.reference = {**self.reference, **{k: v.clone() for k, v in avg.items()}}
+        self.last_aggregation = t + 1
         return avg
 
     def _due(self, t: int) -> bool:
@@ -167,7 +218,8 @@ class Strategy:
         return {"clients": [client_state(c) for c in self.clients],
                 "server": self.server.state_dict() if self.server else None,
                 "link": self.s.link.state_dict(), "fed_compute_s": self.s.fed.compute_s, "rounds": self.rounds,
-                "dropouts": self.dropouts}
+                "dropouts": self.dropouts, "reference": self.reference, "last_aggregation": self.last_aggregation,
+                "skipped_updates": self.skipped_updates, "refused_updates": self.refused_updates}
 
     def load_state_dict(self, state: dict) -> None:
         for c, cs in zip(self.clients, state["clients"], strict=True):
@@ -179,6 +231,10 @@ class Strategy:
         self.s.fed.compute_s = state["fed_compute_s"]
         self.rounds = state["rounds"]
         self.dropouts = state["dropouts"]
+        self.reference = state.get("reference", self.reference)
+        self.last_aggregation = state.get("last_aggregation", 0)
+        self.skipped_updates = state.get("skipped_updates", 0)
+        self.refused_updates = state.get("refused_updates", 0)
 
 
 def _whole_model_only(setup: Setup, name: str) -> None:
@@ -219,7 +275,9 @@ class FedLoRA(Strategy):
     def __init__(self, setup: Setup):
         super().__init__(setup)
         _whole_model_only(setup, self.name)
-        self.clients = setup.clients(full_part(setup.template))
+        part = full_part(setup.template)
+        self.clients = setup.clients(part)
+        self._start_from(part)
 
     def step(self, t):
         result = self._each(t, lambda c: self._local_step(c, t))
@@ -230,8 +288,9 @@ class FedLoRA(Strategy):
     def global_adapter(self):
         peeks = [(c, s) for c in self.live() for ok, s in [self.guarded(self.t, c, lambda c: c.peek_adapter_state())]
                  if ok]
+        peeks = self._bounded(self.t, peeks)   # what is evaluated and exported is bounded like an aggregate
         if not peeks:
-            raise RuntimeError("no client left to evaluate")
+            raise RunError("no client left to evaluate")
         return fedavg([s for _, s in peeks], [c.num_samples for c, _ in peeks])
 
 
@@ -243,6 +302,7 @@ class SplitLoRA(FedLoRA):
         client_part, server_part = (split_u(setup.template, setup.split_layer, setup.top_layers) if setup.top_layers
                                     else split_model(setup.template, setup.split_layer))
         self.clients = setup.clients(client_part)
+        self._start_from(client_part)
         copies = 1 if setup.server_mode == "shared" else len(self.clients)
         self.server = MainServer([server_part.replicate() for _ in range(copies)], setup.optim)
 
@@ -279,7 +339,7 @@ class SplitLoRA(FedLoRA):
         if not self.server.shared:   # SFL-V1: per-client server parts are averaged at the same interval
             states = self.server.adapter_states()
             server_avg = self.s.fed.aggregate([states[cid] for cid in live],
-                                              [self.clients[cid].num_samples for cid in live])
+                                              [self.clients[cid].num_samples for cid in live], method="fedavg")
             self.server.load_adapter_state(server_avg)
         return avg
 
@@ -311,9 +371,14 @@ class SL(SplitLoRA):
             return Loss(float("nan"), float("nan")), 0
         if self._due(t) and len(self.clients) > 1:   # hand the client adapter to the next live client
             ok, state = self.guarded(t, holder, lambda c: c.adapter_state())
+            ok = ok and bool(self._bounded(t, [(holder, state)]))
             nxt = self._next_live(holder.cid)
             if ok and self.guarded(t, self.clients[nxt], lambda c: c.load_adapter_state(state))[0]:
                 self.holder = nxt
+                self.reference = {**self.reference, **state}
+            elif not ok:   # the holder's work since the last hand-off is lost; the next client holds
+                self.holder = nxt
+            self.last_aggregation = t + 1
             self.rounds += 1
         return result
 
@@ -322,10 +387,13 @@ class SL(SplitLoRA):
         for k in range(1, n + 1):
             if (cid + k) % n not in self.dropped:
                 return (cid + k) % n
-        raise RuntimeError("no client left to train")
+        raise self._no_client_left(self.t, "train")
 
     def global_adapter(self):
-        return {**self.clients[self.holder].peek_adapter_state(), **self._server_adapter()}
+        holder = self.clients[self.holder]
+        ok, state = self.guarded(self.t, holder, lambda c: c.peek_adapter_state())
+        kept = self._bounded(self.t, [(holder, state)]) if ok else []
+        return {**(kept[0][1] if kept else self.reference), **self._server_adapter()}   # else: the last hand-off
 
     def state_dict(self):
         return {**super().state_dict(), "holder": self.holder}
@@ -401,8 +469,9 @@ class DLoRA(SplitLoRA):
                 live = [c.cid for c in self.live()]
                 states = self.server.adapter_states()
                 self.server.load_adapter_state(self.s.fed.aggregate(
-                    [states[cid] for cid in live], [self.clients[cid].num_samples for cid in live]))
+                    [states[cid] for cid in live], [self.clients[cid].num_samples for cid in live], method="fedavg"))
             self.rounds += 1
+            self.last_aggregation = t + 1
             return {}
         avg = super().aggregate(t)
         current = {k: v.clone() for k, v in avg.items()}

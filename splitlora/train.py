@@ -11,9 +11,6 @@ import json
 import math
 import os
 import shutil
-import signal
-import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +21,14 @@ import yaml
 from tqdm import tqdm
 
 from . import data as D
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, remove_partial, save_checkpoint
 from .config import Config, ConfigError, resolve_path
 from .errors import Interrupted
+from .rundir import StopRequest, carry_metrics, check_output
 from .cost import CostError, CostModel, Profile, Shapes, load_profiles, resolve
 from .lora import apply_lora, export_adapter, load_into, lora_config
 from .models import load_model
-from .roles import Loss, OptimConfig, Privacy, lm_loss
+from .roles import FedServer, Loss, OptimConfig, Privacy, lm_loss
 from .roles import Client
 from .split import full_part, split_model, split_u
 from .hsplit import STRATEGIES  # the registry, with hsplitlora and hetlora
@@ -100,7 +98,8 @@ def _setup(cfg: Config, template, tokenizer, client_features, remote=None, link=
         aggregation_interval=cfg.strategy.aggregation_interval, server_mode=cfg.strategy.server_mode,
         top_layers=cfg.model.top_layers,
         privacy=Privacy(**cfg.privacy.model_dump()),
-        link=link if link is not None else Link(cfg.wire.precision), remote=remote)
+        link=link if link is not None else Link(cfg.wire.precision), remote=remote,
+        fed=FedServer(cfg.strategy.aggregation, cfg.strategy.trim_fraction))
 
 
 def cost_profiles(cfg: Config) -> tuple[list[Profile], Profile]:
@@ -134,16 +133,13 @@ def build_run(cfg: Config, hub=None) -> Run:
     if hub is None:
         setup = _setup(cfg, template, lm.tokenizer, client_data(cfg, lm.tokenizer, train_ex))
     else:
-        from .remote import Expectations
-
-        def remote(cid, part):
-            shapes = {k: tuple(p.shape) for k, p in part.adapter.items()}
-            return hub.configure(cid, Expectations(lm.model.config.hidden_size, lm.model.config.vocab_size,
-                                                   cfg.train.batch_size, cfg.data.max_length, shapes,
-                                                   hub.max_bytes, labels=cfg.model.top_layers == 0))
-        setup = _setup(cfg, template, lm.tokenizer, None, remote=remote, link=hub.stats)
+        setup = _setup(cfg, template, lm.tokenizer, None, link=hub.stats,
+                       remote=_remote_clients(cfg, hub, lm, template, train_ex, val))
     try:
         options = cfg.dlora.model_dump() if cfg.strategy.name == "dlora" else {}
+        if cfg.strategy.name in ("hsplitlora", "hetlora") and cfg.strategy.aggregation != "fedavg":
+            raise ConfigError(f"strategy.aggregation: {cfg.strategy.name} combines adapters of different ranks its own "
+                              "way; the robust options are for fedlora, sl, splitlora and dlora")
         if cfg.strategy.name in ("hsplitlora", "hetlora"):
             if cfg.train.eval_interval % cfg.strategy.aggregation_interval:
                 raise ConfigError(f"train.eval_interval: {cfg.strategy.name} evaluates right after aggregations; "
@@ -154,6 +150,31 @@ def build_run(cfg: Config, hub=None) -> Run:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return Run(cfg, lm.tokenizer, template, strategy, val, cost_model(cfg, template))
+
+
+def _remote_clients(cfg: Config, hub, lm, template, train_ex, val_features):
+    """The deployed server's (cid, client part) -> RemoteClient: what each client's messages must look
+    like, their size limits and value bounds (`limits`), and its share of the data as partitioned here."""
+    from .limits import message_limits, value_bounds
+    from .remote import Expectations
+
+    counts = [len(f) for f in client_data(cfg, lm.tokenizer, train_ex)]
+    batch = D.collate(val_features[: cfg.train.batch_size], lm.tokenizer.pad_token_id)
+    bounds = value_bounds(template, cfg.model.split_layer, cfg.model.top_layers, batch,
+                          Privacy(**cfg.privacy.model_dump()), cfg.train.label_smoothing, cfg.deploy.bound_factor,
+                          seed=cfg.train.seed)
+    config = lm.model.config
+
+    def remote(cid, part):
+        shapes = {k: tuple(p.shape) for k, p in part.adapter.items()}
+        max_bytes, max_header = message_limits(config.hidden_size, cfg.train.batch_size, cfg.data.max_length, shapes)
+        if cfg.deploy.max_message_mb is not None:
+            max_bytes = cfg.deploy.max_message_mb << 20
+        return hub.configure(cid, Expectations(config.hidden_size, config.vocab_size, cfg.train.batch_size,
+                                               cfg.data.max_length, shapes, max_bytes,
+                                               labels=cfg.model.top_layers == 0, max_header=max_header,
+                                               bounds=bounds, num_samples=counts[cid]))
+    return remote
 
 
 def client_role(cfg: Config, cid: int) -> Client:
@@ -202,59 +223,6 @@ def model_loss(model, features: list[dict], pad_id: int, batch_size: int) -> flo
     return total / max(tokens, 1)
 
 
-def _carry_metrics(src: Path, dst: Path, upto_step: int) -> None:
-    lines = []
-    if src.exists():
-        lines = [ln for ln in src.read_text().splitlines() if ln and json.loads(ln)["step"] <= upto_step]
-    dst.write_text("".join(ln + "\n" for ln in lines))
-
-
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoint", "checkpoint.old", "adapter")
-
-
-def check_output(out: Path, resume: str | Path | None, overwrite: bool) -> None:
-    """Refuse to train into a directory that holds files (an earlier run would be silently replaced),
-    unless it is the run being resumed, or `overwrite` and it is a run directory."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise ConfigError(f"--output: {out} is a file, not a directory")
-    if not any(out.iterdir()) or (resume is not None and Path(resume).resolve() == out.resolve()):
-        return
-    if not overwrite:
-        raise ConfigError(f"--output: {out} already holds a run or other files; continue it with --resume {out}, "
-                          "replace it with --overwrite, or choose another directory")
-    if not any((out / name).exists() for name in RUN_FILES):
-        raise ConfigError(f"--overwrite: {out} is not a run directory (none of {', '.join(RUN_FILES[:3])}); "
-                          "refusing to delete it")
-
-
-class StopRequest:
-    """SIGINT/SIGTERM while training: the step under way finishes, a checkpoint is written, and training
-    stops with `Interrupted`; a second signal stops at once. Only in the main thread (where Python
-    delivers signals); elsewhere this does nothing."""
-
-    def __init__(self):
-        self.signal: str | None = None
-        self._old: dict = {}
-
-    def __enter__(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.signal is not None:
-            raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
-        print(f"\nsplitlora: {self.signal}: finishing this step and writing a checkpoint "
-              "(send it again to stop at once)", file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self._old.items():
-            signal.signal(s, handler)
-
-
 def _loss(x) -> Loss:
     """A pending loss from a checkpoint ([smoothed, ce]; older checkpoints hold the smoothed value alone)."""
     return Loss(*x) if isinstance(x, (list, tuple)) else Loss(x, float("nan"))
@@ -262,7 +230,7 @@ def _loss(x) -> Loss:
 
 def train(cfg: Config, output: str | Path, resume: str | Path | None = None,
           on_step: Callable[[int], None] | None = None, progress: bool = True, hub=None,
-          bar_position: int = 0, overwrite: bool = False) -> dict:
+          bar_position: int = 0, overwrite: bool = False, on_built: Callable | None = None) -> dict:
     """Run (or continue) training; returns the summary also written to summary.json. With a `hub`,
     this is the deployed server's run: the same loop, with clients in other processes.
 
@@ -274,12 +242,20 @@ def train(cfg: Config, output: str | Path, resume: str | Path | None = None,
     state = load_checkpoint(Path(resume) / "checkpoint") if resume is not None else None
     run = build_run(cfg, hub)
     strategy, tcfg = run.strategy, cfg.train
+    if on_built is not None:
+        on_built(run)   # the deployed server: listen, and wait for the clients (config, data, model are good)
     if overwrite and out.exists() and not (resume is not None and Path(resume).resolve() == out.resolve()):
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    remove_partial(out / "checkpoint")   # what interrupted checkpoint writes left
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     start, wall, sim, samples, last_val = 0, 0.0, 0.0, 0, None
+    if hub is not None:
+        hub.start_step = state["step"] if state is not None else 0
+        if state is None:   # clients still holding an earlier run's state start over
+            for c in strategy.clients:
+                strategy.guarded(-1, c, lambda c: c.reset_if_ahead())
     if state is not None:
         strategy.load_state_dict(state["strategy"])
         torch.set_rng_state(state["rng"])
@@ -287,7 +263,7 @@ def train(cfg: Config, output: str | Path, resume: str | Path | None = None,
         sim = state.get("sim_s", 0.0)
         run.cost.client_flops = state.get("client_flops", 0.0)
         losses = [_loss(x) for x in state["pending_losses"]]
-        _carry_metrics(Path(resume) / "metrics.jsonl", out / "metrics.jsonl", start)
+        carry_metrics(Path(resume) / "metrics.jsonl", out / "metrics.jsonl", start)
     else:
         (out / "metrics.jsonl").write_text("")
         losses: list[Loss] = []   # training losses since the last record
@@ -302,7 +278,8 @@ def train(cfg: Config, output: str | Path, resume: str | Path | None = None,
                "samples_seen": samples, "wall_s": round(wall, 4), "sim_time_s": round(sim, 9),
                "client_compute_s": round(client_s, 4), "server_compute_s": round(server_s, 4),
                "live_clients": len(strategy.live()), "dropouts": len(strategy.dropouts),
-               "client_flops": run.cost.client_flops, **strategy.extra_metrics()}
+               "client_flops": run.cost.client_flops, "skipped_updates": strategy.skipped_updates,
+               "refused_updates": strategy.refused_updates, **strategy.extra_metrics()}
         with (out / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(rec) + "\n")
         return rec

@@ -71,9 +71,14 @@ def wait_all(procs, server_thread, result, timeout=180):
     assert "error" not in result, result.get("error")
 
 
-@pytest.mark.parametrize("server_mode", ["shared", "per_client"])
-def test_deployed_run_equals_simulator(server_mode, make_config, certs, tmp_path):
-    cfg = make_config({**BASE, "strategy.server_mode": server_mode})
+DEPLOYED = {"shared": {"strategy.server_mode": "shared"}, "per_client": {"strategy.server_mode": "per_client"},
+            "fedlora": {"strategy.name": "fedlora"}, "sl": {"strategy.name": "sl"},
+            "clipped": {"strategy.aggregation": "clipped"}}
+
+
+@pytest.mark.parametrize("label", list(DEPLOYED))
+def test_deployed_run_equals_simulator(label, make_config, certs, tmp_path):
+    cfg = make_config({**BASE, **DEPLOYED[label]})
     run_training(cfg, tmp_path / "sim")
     t, port, hub, result = start(cfg, tmp_path / "dep", certs)
     wait_all(run_clients(cfg, port, certs, tmp_path), t, result)
@@ -83,10 +88,11 @@ def test_deployed_run_equals_simulator(server_mode, make_config, certs, tmp_path
     assert_states_equal(exported_adapter(tmp_path / "dep"), exported_adapter(tmp_path / "sim"))
     wire = result["summary"]["wire"]
     assert set(wire["per_client"]) == {"0", "1"} and all(v["bytes_up"] > 0 for v in wire["per_client"].values())
-    assert dep[-1]["dropouts"] == 0 and dep[-1]["live_clients"] == 2
-    # what the strategy accounted is what crossed the wire (the same safetensors messages)
+    assert dep[-1]["dropouts"] == 0 and dep[-1]["live_clients"] == 2 and dep[-1]["refused_updates"] == 0
+    # what the strategy accounted is what crossed the wire (the same safetensors messages); fedlora sends
+    # adapters only, so the deployment's commands and checkpoint reads weigh more there
     for key in ("bytes_up", "bytes_down"):
-        assert abs(dep[-1][key] / sim[-1][key] - 1) < 0.2, key
+        assert abs(dep[-1][key] / sim[-1][key] - 1) < (0.2 if label != "fedlora" else 2.0), key
 
 
 def _hello(cid):

@@ -17,7 +17,7 @@ from conftest import assert_states_close, assert_states_equal, exported_adapter,
 FAMILIES = ["gpt2", "llama"]
 REQUIRED_KEYS = {"step", "round", "strategy", "train_loss", "train_ce", "val_loss", "val_ppl", "bytes_up", "bytes_down",
                  "samples_seen", "wall_s", "sim_time_s", "client_compute_s", "server_compute_s", "live_clients",
-                 "dropouts", "client_flops"}
+                 "dropouts", "client_flops", "skipped_updates", "refused_updates"}
 
 
 def differ(a: dict, b: dict) -> bool:

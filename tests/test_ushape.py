@@ -183,8 +183,8 @@ def test_deployed_ushape_equals_simulator_and_sends_no_tokens(make_config, tmp_p
     received = []
     original = remote.unpack
 
-    def recording(data, max_bytes):
-        kind, tensors, meta = original(data, max_bytes)
+    def recording(data, *limits):
+        kind, tensors, meta = original(data, *limits)
         received.append(tensors)
         return kind, tensors, meta
 
