@@ -102,7 +102,7 @@ def client_credentials(certs_dir, client_id: int) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
 
 
-def tls_refusal(address: str, certs_dir, client_id: int, timeout_s: float = 5.0) -> str | None:
+def tls_refusal(address: str, certs_dir, client_id: int, timeout_s: float = 10.0) -> str | None:
     """Why the server at `address` refuses client `client_id`'s TLS session, or None if it cannot be
     reached (retry) or does not refuse it. gRPC reports a rejected certificate as a closed socket, which
     looks like an unreachable server; a plain TLS handshake with the same files tells them apart."""

@@ -420,7 +420,9 @@ def test_a_client_refused_by_the_server_stops_at_once_and_an_unreachable_one_ret
 
     other = tmp_path / "other-ca"
     create_certs(other, 2)
-    cfg = make_config({**RUN, "deploy.retries": 20})   # retried, this would take minutes
+    # a refusal mistaken for an unreachable server would be retried 20 times (short waits: a slow machine
+    # may need a second diagnosis)
+    cfg = make_config({**RUN, "deploy.retries": 20, "deploy.max_backoff_s": 2})
     t, port, hub, result = start(cfg, tmp_path / "dep", certs)
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(cfg.to_dict()))
