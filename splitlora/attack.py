@@ -34,9 +34,10 @@ def activations(model, features: list[dict], depth: int, pad_id: int, batch: int
     part = make_part(model, 0, depth)
     part.eval()
     acts, ids, masks = [], [], []
+    device = part.device   # the model's passes run where it is; the attack's analysis in fp32 on the CPU
     for i in range(0, len(features), batch):
         b = D.collate(features[i:i + batch], pad_id)
-        acts.append(part(b["input_ids"], b["attention_mask"]))
+        acts.append(part(b["input_ids"].to(device), b["attention_mask"].to(device)).float().cpu())
         ids.append(b["input_ids"])
         masks.append(b["attention_mask"].bool())
     return _cat(acts, 0.0), _cat(ids, pad_id), _cat(masks, False)
@@ -63,14 +64,17 @@ def top_gradients(model, features: list[dict], top_layers: int, pad_id: int, bat
     bottom.eval()
     top.eval()
     grads, ids, masks = [], [], []
+    device = bottom.device
     for i in range(0, len(features), batch):
         b = D.collate(features[i:i + batch], pad_id)
+        mask = b["attention_mask"].to(device)
         with torch.no_grad():
-            x = bottom(b["input_ids"], b["attention_mask"])
+            x = bottom(b["input_ids"].to(device), mask)
         x.requires_grad_(True)
-        (g,) = torch.autograd.grad(lm_loss(top(x, b["attention_mask"]), b["labels"], smoothing), x)
+        logits = top(x, mask).float()
+        (g,) = torch.autograd.grad(lm_loss(logits, b["labels"].to(device), smoothing), x)
         target = torch.nn.functional.pad(b["labels"][:, 1:], (0, 1), value=-100)   # position t predicts t + 1
-        grads.append(g)
+        grads.append(g.float().cpu())
         ids.append(target.clamp_min(0))
         masks.append(target != -100)
     return _cat(grads, 0.0), _cat(ids, 0), _cat(masks, False)
@@ -127,11 +131,12 @@ def attack(run_dir: str | Path, output: str | Path, depths=(1, 3, 6), noise_leve
     """Both channels a curious server reads: the smashed activations at each split depth, and (U-shape)
     the gradient a client with the last m blocks sends up, for m in `top_layers`. The gradient's clip
     norm is the run's privacy.grad_clip_norm, else the median per-example norm of the public gradients."""
-    from peft import PeftModel
-
     from . import data as D
+    from .build import role_model
     from .config import load_config, resolve_path
+    from .lora import apply_lora, lora_config
     from .models import load_model
+    from .runtime import runtime_of
     from .split import family_of, num_layers
     from .train import load_examples
 
@@ -140,14 +145,14 @@ def attack(run_dir: str | Path, output: str | Path, depths=(1, 3, 6), noise_leve
     cfg = load_config(run_dir / "config.yaml")
     clip = clip_norm if clip_norm is not None else (cfg.privacy.clip_norm or 1000.0)
     grad_noise_levels = noise_levels if grad_noise_levels is None else grad_noise_levels
-    base = load_model(cfg.model.name, seed=cfg.train.seed)
-    victim = PeftModel.from_pretrained(load_model(cfg.model.name, seed=cfg.train.seed).model, run_dir / "adapter")
+    rt = runtime_of(cfg, "server")   # the curious server's own device and precision
+    base = load_model(cfg.model.name, seed=cfg.train.seed, dtype=rt.dtype, device=rt.device)
+    _, victim = role_model(cfg, rt, adapter=run_dir / "adapter")
     tok, pad = base.tokenizer, base.tokenizer.pad_token_id
     _, val = load_examples(cfg)
     private = D.tokenize(val, tok, cfg.data.max_length)[:victims]
     public_file = resolve_path("data", "data/e2e/testset_w_refs.csv")
     public_feats = D.tokenize(D.load_e2e(public_file)[:public], tok, cfg.data.max_length)
-    from .lora import apply_lora, lora_config
     public_model = apply_lora(base.model, lora_config(base.model.config, 1, 1, 0.0), 0)   # B = 0: the base
     total = num_layers(base.model.config)
     results, scales = [], {"activations": {}, "gradient_up": {}}
@@ -171,7 +176,7 @@ def attack(run_dir: str | Path, output: str | Path, depths=(1, 3, 6), noise_leve
                   defend(pa, clip, noise, seed=2)[pm], pi[pm], defend(va, clip, noise, seed=1)[vm], vi[vm])
 
     mods = family_of(base.model.config).modules(base.model)
-    norm_w, head_w = (mods[n].weight.detach() for n in family_of(base.model.config).head_modules)
+    norm_w, head_w = (mods[n].weight.detach().float().cpu() for n in family_of(base.model.config).head_modules)
     for m in [m for m in top_layers if 1 <= m < total]:
         args = (pad, cfg.train.batch_size, cfg.train.label_smoothing)
         pg, pi, pm = top_gradients(public_model, public_feats, m, *args)

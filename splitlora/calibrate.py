@@ -26,44 +26,51 @@ from .config import Config
 from .cost import Profile, Shapes, part_flops, write_profiles
 
 
-def _time(fn, repeats: int) -> float:
+def _time(fn, repeats: int, runtime=None) -> float:
     fn()   # warm-up
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(runtime.elapsed(t0) if runtime is not None else time.perf_counter() - t0)
     return statistics.median(times)
 
 
 def fit(cfg: Config, lengths=(32, 64, 128), repeats: int = 3) -> dict:
     """Measured seconds and counted FLOPs of each part per batch length; effective FLOP/s of each."""
+    from .build import role_model
     from .roles import lm_loss
+    from .runtime import runtime_of
     from .split import split_model
-    from .train import _model
 
     torch.manual_seed(cfg.train.seed)
-    _, template = _model(cfg)
+    rt = runtime_of(cfg, "server")   # the parts run where (and in the precision) the run's server would
+    _, template = role_model(cfg, rt)
     template.train()
     s = Shapes.from_model(template)
     client, server = split_model(template, cfg.model.split_layer)
     b, vocab, k, layers = cfg.train.batch_size, s.vocab, cfg.model.split_layer, len(s.blocks)
     rows = []
     for t in lengths:
-        ids, mask = torch.randint(0, vocab, (b, t)), torch.ones(b, t, dtype=torch.long)
-        grad = torch.randn(b, t, s.hidden) * 1e-3
+        ids = torch.randint(0, vocab, (b, t), device=rt.device)
+        mask = torch.ones(b, t, dtype=torch.long, device=rt.device)
+        grad = torch.randn(b, t, s.hidden, device=rt.device, dtype=rt.dtype) * 1e-3
 
         def client_pass():
-            client(ids, mask).backward(grad)
+            with rt.compute():
+                out = client(ids, mask)
+            out.backward(grad.to(out.dtype))
 
         def server_pass():
-            x = torch.randn(b, t, s.hidden, requires_grad=True)
-            lm_loss(server(x, mask), ids, 0.1).backward()
+            x = torch.randn(b, t, s.hidden, requires_grad=True, device=rt.device, dtype=rt.dtype)
+            with rt.compute():
+                logits = server(x, mask)
+            lm_loss(logits.float(), ids, 0.1).backward()
 
         rows.append({"length": t,
-                     "client_s": _time(client_pass, repeats),
+                     "client_s": _time(client_pass, repeats, rt),
                      "client_flops": part_flops(s, 0, k, False, b, t, False).total,
-                     "server_s": _time(server_pass, repeats),
+                     "server_s": _time(server_pass, repeats, rt),
                      "server_flops": part_flops(s, k, layers, True, b, t, True).total})
         template.zero_grad(set_to_none=True)
     out = {"batches": rows, "batch_size": b}

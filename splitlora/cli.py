@@ -104,20 +104,25 @@ def _parser() -> argparse.ArgumentParser:
     at.add_argument("--victims", type=int, default=32, help="held-out examples to attack")
     at.add_argument("--public", type=int, default=400, help="public examples (E2E test set) the attacker uses")
     b = sub.add_parser("bench", help="benchmarks writing JSON")
-    b.add_argument("which", choices=["overhead", "deploy", "hetero", "noise"])
+    b.add_argument("which", choices=["overhead", "deploy", "hetero", "noise", "precision", "memory"])
     b.add_argument("--output", required=True, help="JSON file to write")
     b.add_argument("--model", default="smollm2-135m-instruct")
     b.add_argument("--steps", type=int,
                    help="overhead: timed steps (default 30); deploy: training steps, the first untimed (default 6)")
-    b.add_argument("--split-layer", type=int, default=3)
+    b.add_argument("--split-layer", type=int, help="overhead, deploy: default 3; memory: default 2")
     b.add_argument("--workdir", help="deploy, hetero: keep the runs and logs here (default: a temporary directory); "
                    "noise: its runs (default runs/bench-noise)")
     b.add_argument("--repeats", type=int, default=1, help="deploy: (in-process, deployed) pairs per precision")
     b.add_argument("--reuse", action="store_true", help="hetero, noise: read runs already finished in --workdir")
-    b.add_argument("--config", default="configs/demo.yaml", help="noise: the config to train")
+    b.add_argument("--config", default="configs/demo.yaml", help="noise, precision: the config to train")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="noise, hetero, deploy: config overrides (applied to each run the bench makes)")
+                   help="config overrides (runtime.device=cuda, runtime.dtype=bf16, ...), applied to every run or "
+                        "model the bench makes")
     b.add_argument("--precisions", default="fp32,bf16", help="deploy: wire precisions to compare")
+    b.add_argument("--peak-tflops", type=float, help="overhead: the device's peak TFLOP/s, for the MFU")
+    b.add_argument("--shapes", default="llama-3.2-1b,llama-3-8b", help="memory: shape presets (shape:NAME)")
+    b.add_argument("--sides", default="client,server", help="memory: which parts")
+    b.add_argument("--variants", default="fp32,bf16,bf16+ckpt,int8,nf4", help="memory: precision variants")
     b.add_argument("--noise", default="0.005,0.02", help="noise: multipliers on the smashed activations")
     b.add_argument("--clip-norm", type=float, default=1000.0, help="noise: clip norm of the activations")
     b.add_argument("--grad-noise", default="", help="noise: multipliers on the gradient up (U-shaped configs)")
@@ -245,18 +250,26 @@ def _bench(args) -> None:
     from . import bench
 
     if args.which == "overhead":
-        result = bench.overhead(args.model, steps=args.steps or 30, split_layer=args.split_layer)
+        result = bench.overhead(args.model, steps=args.steps or 30, split_layer=args.split_layer or 3, sets=args.set,
+                                peak_tflops=args.peak_tflops)
     elif args.which == "noise":
         floats = lambda text: [float(x) for x in text.split(",") if x.strip()]  # noqa: E731
         result = bench.noise(args.config, args.workdir or "runs/bench-noise", floats(args.noise), args.clip_norm,
                              floats(args.grad_noise), args.grad_clip_norm, args.set, args.reuse,
                              log=lambda m: print(m, file=sys.stderr))
+    elif args.which == "precision":
+        result = bench.precision(args.config, sets=args.set, workdir=args.workdir,
+                                 log=lambda m: print(m, file=sys.stderr))
+    elif args.which == "memory":
+        split = lambda text: tuple(x.strip() for x in text.split(",") if x.strip())  # noqa: E731
+        result = bench.memory(split(args.shapes), split(args.sides), split(args.variants), args.split_layer or 2,
+                              sets=args.set, log=lambda m: print(m, file=sys.stderr))
     elif args.which == "hetero":
         result = bench.hetero(steps=args.steps, workdir=args.workdir, reuse=args.reuse, sets=args.set,
                               log=lambda m: print(m, file=sys.stderr))
     else:
         precisions = tuple(p.strip() for p in args.precisions.split(",") if p.strip())
-        result = bench.deploy(args.model, steps=args.steps or 6, split_layer=args.split_layer,
+        result = bench.deploy(args.model, steps=args.steps or 6, split_layer=args.split_layer or 3,
                               precisions=precisions, repeats=args.repeats, quiet_wait_s=args.quiet_wait,
                               workdir=args.workdir, sets=args.set, log=lambda m: print(m, file=sys.stderr))
     with open(args.output, "w") as f:
@@ -268,10 +281,13 @@ def _quiet_libraries() -> None:
     """Warnings a user cannot act on (deprecations inside transformers and PEFT) are not shown; our own
     warnings (e.g. a clamped config value) print as one `splitlora: warning:` line."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")   # transformers' "Loading weights" bar
-    for module in ("transformers", "peft", "torch", "accelerate"):
+    for module in ("transformers", "peft", "torch", "accelerate", "bitsandbytes"):
         warnings.filterwarnings("ignore", category=FutureWarning, module=module)
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+    # bitsandbytes: int8 casts bf16 inputs to fp16 (its design), and an optional kernel package is absent
+    warnings.filterwarnings("ignore", category=UserWarning, module="bitsandbytes")
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     log = logging.getLogger("splitlora")
     if not log.handlers:
         handler = logging.StreamHandler(sys.stderr)
@@ -307,6 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("splitlora: interrupted; work since the last checkpoint is lost", file=sys.stderr)
         return 130
+    finally:
+        if os.environ.get("SPLITLORA_PEAK_RSS_FILE"):   # for the benchmarks: this process's own peak RSS
+            from .bench.common import peak_rss_bytes
+            with open(os.environ["SPLITLORA_PEAK_RSS_FILE"], "w") as f:
+                f.write(str(peak_rss_bytes()))
     return 0
 
 

@@ -132,9 +132,11 @@ def compare(cfg: Config, strategies: list[str], output: str | Path, samples: int
     if target is None:
         target = runs["cenlora"]["summary"]["best_val_loss"] * (1 + margin)
         rule = f"best cenlora validation loss x {1 + margin:g}"
-    from .train import _model
+    from .build import role_model
+    from .runtime import runtime_of
 
-    _, template = _model(cfg)   # for the memory estimates (model and LoRA are the same for every strategy)
+    # for the memory estimates (model and LoRA are the same for every strategy)
+    _, template = role_model(cfg, runtime_of(cfg, "server"))
     result = {"target_val_loss": target, "target_rule": rule, "samples_budget": samples,
               "eval_every_samples": eval_samples, "model": cfg.model.name, "num_clients": cfg.strategy.num_clients,
               "split_layer": cfg.model.split_layer, "batch_size": cfg.train.batch_size,

@@ -28,6 +28,19 @@ class ModelSection(_Section):
     name: str = "smollm2-135m-instruct"
     split_layer: int = Field(3, ge=1)
     top_layers: int = Field(0, ge=0)   # m > 0: U-shaped split; the client also holds the last m blocks + head
+    quantization: Literal["none", "int8", "nf4"] = "none"      # of the frozen base weights (QLoRA)
+    quantize: Literal["server", "client", "both"] = "both"     # which side's base weights are quantized
+
+
+class RuntimeSection(_Section):
+    """Where and in what precision each role computes (splitlora/runtime.py)."""
+
+    device: str = "auto"                       # auto (cuda, else mps, else cpu), cpu, cuda, cuda:N, mps
+    server_device: str | None = None           # the main server's; default: device
+    client_devices: str | list[str] | None = None   # one for all clients, or one per client; default: device
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"          # frozen base weights, loaded directly in it
+    autocast: Literal["none", "bf16", "fp16"] = "none"       # mixed-precision compute on both sides
+    gradient_checkpointing: bool = False       # recompute each block in backward (client and server parts)
 
 
 class LoraSection(_Section):
@@ -152,6 +165,21 @@ class Config(_Section):
     dlora: DloraSection = DloraSection()
     hsplit: HsplitSection = HsplitSection()
     privacy: PrivacySection = PrivacySection()
+    runtime: RuntimeSection = RuntimeSection()
+
+    @model_validator(mode="after")
+    def _fp16_training(self):
+        """fp16 training across a split needs dynamic loss scaling that the client's backward and the
+        server's step agree on (an overflow on either side must skip the step on every role); splitlora
+        trains in bf16, whose range is fp32's, instead."""
+        r = self.runtime
+        if "fp16" in (r.dtype, r.autocast):
+            raise ValueError("runtime.dtype / runtime.autocast: fp16 training is not supported across the split "
+                             "(it needs loss scaling shared by every role); use bf16")
+        if isinstance(r.client_devices, list) and len(r.client_devices) != self.strategy.num_clients:
+            raise ValueError(f"runtime.client_devices: {len(r.client_devices)} devices for "
+                             f"{self.strategy.num_clients} clients")
+        return self
 
     @model_validator(mode="after")
     def _warmup_fits(self):

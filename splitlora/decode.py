@@ -80,7 +80,7 @@ def check_cached_decoding(model, tokenizer, prompt: str, new_tokens: int = 8, to
     Returns the largest relative difference; raises DecodeError past `tolerance`, so a decoding path
     that loses its cache fails loudly instead of writing fluent-looking garbage."""
     model.eval()
-    enc = tokenizer([prompt], return_tensors="pt", add_special_tokens=False)
+    enc = tokenizer([prompt], return_tensors="pt", add_special_tokens=False).to(model.device)
     out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                          num_beams=1, output_logits=True, return_dict_in_generate=True,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -116,7 +116,8 @@ def generate(model, tokenizer, prompts: list[str], cfg: DecodeConfig, progress=N
     generated, t0 = 0, time.perf_counter()
     for b in range(0, len(order), cfg.batch_size):
         idx = order[b:b + cfg.batch_size]
-        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
+                        add_special_tokens=False).to(model.device)
         out = model.generate(**enc, generation_config=gen)
         new = out[:, enc["input_ids"].shape[1]:]
         for row, i in zip(new, idx, strict=True):

@@ -11,17 +11,12 @@ import math
 import time
 from pathlib import Path
 
-import torch
-from peft import PeftModel
-from safetensors.torch import load_file
-
 from . import data as D
 from . import metrics as M
+from .build import role_model
 from .config import Config, ConfigError, load_config, resolve_path
 from .decode import DecodeConfig, SplitForCausalLM, check_cached_decoding, generate
-from .lora import apply_lora, load_into, lora_config
-from .models import load_model
-from .roles import lm_loss
+from .runtime import Runtime, runtime_of
 from .split import split_model
 
 TEST_FILE = "data/e2e/testset_w_refs.csv"
@@ -36,16 +31,15 @@ def load_trained(run_dir: str | Path, mode: str = "merged"):
     if not (adapter / "adapter_model.safetensors").exists():
         raise ConfigError(f"RUN_DIR: {adapter} holds no exported adapter (did the run finish?)")
     cfg = load_config(run_dir / "config.yaml")
-    lm = load_model(cfg.model.name, seed=cfg.train.seed)
-    if mode == "merged":
-        model = PeftModel.from_pretrained(lm.model, adapter).merge_and_unload()
-    elif mode == "split":
-        template = apply_lora(lm.model, lora_config(lm.model.config, cfg.lora.rank, cfg.lora.alpha, 0.0,
-                                                    cfg.lora.target_modules, cfg.lora.rslora), cfg.train.seed)
-        load_into(template, load_file(str(adapter / "adapter_model.safetensors")))
-        model = SplitForCausalLM(*split_model(template, cfg.model.split_layer))
-    else:
+    if mode not in ("merged", "split"):
         raise ConfigError(f"--mode: {mode!r} is not one of merged, split")
+    # the exported adapter as saved (adapter_config.json: its own rank, alpha and targets), on the run's
+    # server device and precision
+    lm, peft = role_model(cfg, runtime_of(cfg, "server"), adapter=adapter)
+    if mode == "merged":   # a quantized base would be re-quantized by a merge: its adapter stays beside it
+        model = peft.merge_and_unload() if cfg.model.quantization == "none" else peft
+    else:
+        model = SplitForCausalLM(*split_model(peft, cfg.model.split_layer))
     return model.eval(), lm.tokenizer, cfg
 
 
@@ -62,18 +56,12 @@ def eval_examples(cfg: Config, split: str) -> list[D.Example]:
     raise ConfigError(f"--split: {split!r} is not one of test, validation")
 
 
-@torch.no_grad()
 def perplexity(model, tokenizer, examples: list[D.Example], max_length: int, batch_size: int = 16) -> float:
     """exp(token-mean cross-entropy) of the references' completion tokens given their MRs."""
+    from .train import model_loss
+
     feats = D.tokenize(examples, tokenizer, max_length)
-    total, tokens = 0.0, 0
-    for i in range(0, len(feats), batch_size):
-        batch = D.collate(feats[i:i + batch_size], tokenizer.pad_token_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        n = int((batch["labels"][:, 1:] != -100).sum())
-        total += lm_loss(logits, batch["labels"], 0.0).item() * n
-        tokens += n
-    return math.exp(total / max(tokens, 1))
+    return math.exp(model_loss(model, feats, tokenizer.pad_token_id, batch_size, Runtime(model.device)))
 
 
 def evaluate(run_dir: str | Path, output: str | Path, decode: DecodeConfig, split: str = "test",

@@ -152,11 +152,12 @@ class HSplitLoRA(SplitLoRA):
             if self.top < self.layers:
                 part = UPart(part, make_part(self.s.template, self.top, self.layers))
             part = part.replicate()
-            old, c.client = c.client, Client(i, part, c.client.stream, self.s.optim, self.s.privacy, self.s.seed)
+            old, c.client = c.client, Client(i, part, c.client.stream, self.s.optim, self.s.privacy, self.s.seed,
+                                             self.s.server_runtime)
             c.client.compute_s, c.client.noise = old.compute_s, old.noise
         server = make_part(self.s.template, min(self.splits), self.top).replicate()
         compute_s = self.server.compute_s
-        self.server = MainServer([server], self.s.optim)
+        self.server = MainServer([server], self.s.optim, self.s.server_runtime)
         self.server.compute_s = compute_s
         self.server.views = {i: _view(server, k) for i, k in enumerate(self.splits)}
         self._reset()

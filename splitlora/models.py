@@ -33,6 +33,7 @@ from .errors import ModelError
 from .split import family_of, num_layers
 
 SMOLLM2 = "smollm2-135m-instruct"
+SHAPE_PREFIX = "shape:"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -68,8 +69,9 @@ def _tiny_config(family: str, vocab_size: int):
 PRESETS = {"tiny-gpt2": "gpt2", "tiny-llama": "llama"}
 
 
-def tiny_model(family: str, seed: int = 0) -> LoadedModel:
-    """A randomly initialised 4-layer model of `family` ('gpt2' or 'llama') with the byte tokenizer."""
+def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """A randomly initialised 4-layer model of `family` ('gpt2' or 'llama') with the byte tokenizer
+    (initialised in fp32, so every dtype holds the same values rounded)."""
     tokenizer = byte_tokenizer()
     config = _tiny_config(family, len(tokenizer))
     config.pad_token_id = tokenizer.pad_token_id
@@ -77,7 +79,7 @@ def tiny_model(family: str, seed: int = 0) -> LoadedModel:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
-    return LoadedModel(model.float().eval(), tokenizer, f"tiny-{family}")
+    return LoadedModel(model.to(dtype).eval(), tokenizer, f"tiny-{family}")
 
 
 def cache_dir() -> Path:
@@ -104,7 +106,8 @@ def _write_hf_dir(model: PreTrainedModel, tokenizer, target: Path) -> None:
         tokenizer.save_pretrained(tmp)
 
 
-def load_smollm2(keep: Keep | None = None) -> LoadedModel:
+def load_smollm2(keep: Keep | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """SmolLM2 from the cache (fp32 safetensors: every dtype is read from it, tensor by tensor)."""
     target = cache_dir() / SMOLLM2
     if not (target / "model.safetensors").exists():
         gguf = _gguf_dir()
@@ -112,7 +115,7 @@ def load_smollm2(keep: Keep | None = None) -> LoadedModel:
         model = AutoModelForCausalLM.from_pretrained(gguf, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
         _write_hf_dir(model, tokenizer, target)
         del model
-    return load_hf_dir(target, name=SMOLLM2, keep=keep)
+    return load_hf_dir(target, name=SMOLLM2, keep=keep, dtype=dtype)
 
 
 @dataclass(frozen=True)
@@ -199,20 +202,21 @@ def _safetensors_files(path: Path) -> dict[str, Path] | None:
     return None
 
 
-def _load_then_free(path: Path, keep: Keep) -> PreTrainedModel:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+def _load_then_free(path: Path, keep: Keep, dtype: torch.dtype) -> PreTrainedModel:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     _to_meta(model, keep)
     return model
 
 
-def _load_partial(path: Path, keep: Keep) -> PreTrainedModel:
-    """The model of HF directory `path` with only `keep` read from disk; the rest stays on meta."""
+def _load_partial(path: Path, keep: Keep, dtype: torch.dtype) -> PreTrainedModel:
+    """The model of HF directory `path` with only `keep` read from disk, each tensor cast to `dtype` as
+    it is read (never the whole model in fp32 first); the rest stays on meta."""
     files = _safetensors_files(path)
     config = AutoConfig.from_pretrained(path)
     if files is None:   # no safetensors (e.g. pytorch_model.bin): load everything, then free
-        return _load_then_free(path, keep)
+        return _load_then_free(path, keep, dtype)
     with _parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     names = kept_names(model, keep) & set(model.state_dict())   # non-persistent buffers are computed
     # a tied tensor has several names; the checkpoint stores it under one of them (SmolLM2: the embedding's)
     aliases: dict[int, list[str]] = {}
@@ -228,14 +232,15 @@ def _load_partial(path: Path, keep: Keep) -> PreTrainedModel:
             if key is None:   # keys this loader cannot map: let transformers load it all, then free
                 warnings.warn(f"{path}: no checkpoint key for {names_of[0]}; loading the whole model "
                               "and freeing what this process does not need", stacklevel=3)
-                return _load_then_free(path, keep)
+                return _load_then_free(path, keep, dtype)
             stored[names_of[0]] = key
     state = {}
     for file in sorted({files[k] for k in stored.values()}):
         with safe_open(str(file), "pt") as f:     # memory-mapped: only the tensors read are touched
             for n, k in stored.items():
                 if files[k] == file:
-                    state[n] = f.get_tensor(k).to(torch.float32)
+                    t = f.get_tensor(k)
+                    state[n] = t.to(dtype) if t.is_floating_point() else t
     model.load_state_dict(state, strict=False, assign=True)
     _tie(model)
     for p in model.parameters():
@@ -243,15 +248,16 @@ def _load_partial(path: Path, keep: Keep) -> PreTrainedModel:
     return model
 
 
-def load_hf_dir(path: str | os.PathLike, name: str | None = None, keep: Keep | None = None) -> LoadedModel:
+def load_hf_dir(path: str | os.PathLike, name: str | None = None, keep: Keep | None = None,
+                dtype: torch.dtype = torch.float32) -> LoadedModel:
     path = Path(path)
     if not (path / "config.json").exists():
         raise ModelError(f"model.name: {path} is not a Hugging Face model directory (no config.json)")
     config = AutoConfig.from_pretrained(path)  # fails early and clearly on a broken config
     if keep is None or keep.is_everything(num_layers(config)):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     else:
-        model = _load_partial(path, keep)
+        model = _load_partial(path, keep, dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -259,8 +265,11 @@ def load_hf_dir(path: str | os.PathLike, name: str | None = None, keep: Keep | N
 
 
 def load_model(name: str, seed: int = 0, layers: range | None = None, embeddings: bool = True,
-               head: bool = True, top_layers: int = 0) -> LoadedModel:
-    """`name` is a preset (smollm2-135m-instruct, tiny-gpt2, tiny-llama) or a local HF directory.
+               head: bool = True, top_layers: int = 0, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu", quantization: str = "none") -> LoadedModel:
+    """`name` is a preset (smollm2-135m-instruct, tiny-gpt2, tiny-llama, shape:NAME) or a local HF directory.
+
+    The base weights are loaded in `dtype` and placed on `device` (what is not materialised stays on meta).
 
     By default the whole model is loaded. With `layers` (blocks to keep) and/or `embeddings=False` /
     `head=False`, only those parts are materialised; every other parameter is a meta tensor (shape
@@ -272,13 +281,46 @@ def load_model(name: str, seed: int = 0, layers: range | None = None, embeddings
     if layers is not None or not (embeddings and head):
         keep = Keep(range(10**9) if layers is None else layers, embeddings, head, top_layers)
     if name == SMOLLM2:
-        return load_smollm2(keep)
-    if name in PRESETS:
-        lm = tiny_model(PRESETS[name], seed)
+        lm = load_smollm2(keep, dtype)
+    elif name in PRESETS:
+        lm = tiny_model(PRESETS[name], seed, dtype)
         if keep is not None and not keep.is_everything(num_layers(lm.model.config)):
             _to_meta(lm.model, keep)
-        return lm
-    if os.path.isdir(name):
-        return load_hf_dir(name, keep=keep)
-    raise ModelError(f"model.name: {name!r} is neither a preset ({', '.join([SMOLLM2, *PRESETS])}) "
-                     "nor an existing model directory")
+    elif name.startswith(SHAPE_PREFIX):   # materialised and quantized block by block
+        from .quantize import quantizer
+        from .shapes import BYTE_TOKENIZER, shape_model
+        tokenizer = byte_tokenizer() if name.removeprefix(SHAPE_PREFIX) in BYTE_TOKENIZER else smollm2_tokenizer()
+        return shape_model(name, keep, dtype, device, seed, tokenizer=tokenizer,
+                           quantize=quantizer(quantization, dtype))
+    elif os.path.isdir(name):
+        lm = load_hf_dir(name, keep=keep, dtype=dtype)
+    else:
+        from .shapes import SHAPES
+        raise ModelError(f"model.name: {name!r} is neither a preset ({', '.join([SMOLLM2, *PRESETS])}, "
+                         f"{', '.join(SHAPE_PREFIX + s for s in SHAPES)}) nor an existing model directory")
+    to_device(lm.model, device)
+    if quantization != "none":
+        from .quantize import quantize_blocks
+        quantize_blocks(lm.model, quantization, dtype)
+    return lm
+
+
+def to_device(model: nn.Module, device: str | torch.device) -> None:
+    """Move what is materialised to `device`, in place (parameters keep their identity: references to them
+    stay valid); meta tensors (parts this process does not hold) stay."""
+    device = torch.device(device)
+    for p in model.parameters():
+        if p.device.type != "meta" and p.device != device:
+            p.data = p.data.to(device)
+    for module in model.modules():
+        for k, b in module._buffers.items():
+            if b is not None and b.device.type != "meta" and b.device != device:
+                module._buffers[k] = b.to(device)
+
+
+def smollm2_tokenizer():
+    """The SmolLM2 tokenizer (from the cached directory, written from the GGUF file on first use)."""
+    target = cache_dir() / SMOLLM2
+    if not (target / "tokenizer.json").exists():
+        load_smollm2()
+    return AutoTokenizer.from_pretrained(target)

@@ -89,7 +89,12 @@ class Expectations:
     labels: bool = True    # False under the U-shaped split: the client keeps its labels
     max_header: int = 1 << 20
     bounds: ValueBounds = field(default_factory=ValueBounds)
+    act_dtypes: tuple = (torch.float32,)   # what activations and their gradients may arrive as (runtime, wire)
     num_samples: int | None = None   # the client's share of the data as the run partitions it
+
+
+def _names(dtypes) -> str:
+    return " or ".join(str(d).removeprefix("torch.") for d in dtypes)
 
 
 def _finite(name: str, t: torch.Tensor) -> None:
@@ -102,8 +107,9 @@ def check_smashed(t: dict[str, torch.Tensor], e: Expectations) -> None:
     if set(t) != keys:
         raise BadMessage(f"smashed message needs {', '.join(sorted(keys))}; got {sorted(t)}")
     a, m = t["activations"], t["attention_mask"]
-    if a.dtype != torch.float32 or a.dim() != 3 or a.shape[2] != e.hidden:
-        raise BadMessage(f"activations must be float [B, T, {e.hidden}], got {a.dtype} {list(a.shape)}")
+    if a.dtype not in e.act_dtypes or a.dim() != 3 or a.shape[2] != e.hidden:
+        raise BadMessage(f"activations must be {_names(e.act_dtypes)} [B, T, {e.hidden}], got {a.dtype} "
+                         f"{list(a.shape)}")
     b, n = a.shape[:2]
     if not (1 <= b <= e.batch_size and 1 <= n <= e.max_length):
         raise BadMessage(f"activations of shape {list(a.shape)} exceed batch {e.batch_size} x {e.max_length}")
@@ -241,7 +247,8 @@ class RemoteClient:
             elif reply == "top":
                 sent_x = tensors["activations"]
                 g = out.get("activations_grad")
-                if set(out) != {"activations_grad"} or g.dtype != torch.float32 or g.shape != sent_x.shape:
+                if set(out) != {"activations_grad"} or g.dtype not in self.expect.act_dtypes \
+                        or g.shape != sent_x.shape:
                     raise BadMessage(f"top reply needs activations_grad of shape {list(sent_x.shape)}")
                 _finite("activations_grad", g)
                 bounds = self.expect.bounds

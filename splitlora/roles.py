@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from . import robust
 from .data import BatchStream
-from .split import ModelPart
+from .runtime import Runtime
+from .split import ModelPart, set_checkpointing
 from .wire import smashed_message
 
 
@@ -37,10 +38,10 @@ class OptimConfig:
 def clip_and_noise(t: torch.Tensor, clip_norm: float, noise_multiplier: float, gen: torch.Generator) -> torch.Tensor:
     """Each example's tensor scaled to an L2 norm of at most `clip_norm`, then Gaussian noise of std
     `noise_multiplier` x `clip_norm` on every value."""
-    norms = t.flatten(1).norm(dim=1).clamp_min(1e-12)
-    t = t * (clip_norm / norms).clamp(max=1.0).view(-1, *([1] * (t.dim() - 1)))
+    norms = t.flatten(1).float().norm(dim=1).clamp_min(1e-12)
+    t = t * (clip_norm / norms).clamp(max=1.0).to(t.dtype).view(-1, *([1] * (t.dim() - 1)))
     if noise_multiplier > 0:
-        t = t + torch.randn(t.shape, generator=gen) * (noise_multiplier * clip_norm)
+        t = t + torch.randn(t.shape, generator=gen, device=t.device, dtype=t.dtype) * (noise_multiplier * clip_norm)
     return t
 
 
@@ -165,10 +166,11 @@ class Client:
     """A data owner. Split strategies call forward()/backward(); whole-model ones call local_step()."""
 
     def __init__(self, cid: int, part: ModelPart, stream: BatchStream, cfg: OptimConfig,
-                 privacy: Privacy = Privacy(), seed: int = 0):
-        self.cid, self.part, self.stream = cid, part, stream
+                 privacy: Privacy = Privacy(), seed: int = 0, runtime: Runtime = Runtime()):
+        self.cid, self.part, self.stream, self.runtime = cid, part, stream, runtime
         self.privacy = privacy
-        self.noise = torch.Generator().manual_seed(seed * 7907 + cid)
+        self.noise = runtime.generator(seed * 7907 + cid)
+        set_checkpointing(part, runtime.checkpointing)
         self.learner = Learner(part, cfg)
         self.compute_s = 0.0
         self.last_shape: tuple[int, int] = (0, 0)   # (B, T) of the last whole-model batch, for the cost model
@@ -185,13 +187,14 @@ class Client:
 
     def forward(self) -> tuple[dict[str, torch.Tensor], int]:
         """Run the bottom layers on the next batch; returns (smashed message, batch size)."""
-        batch = self.stream.next_batch()
+        batch = {k: v.to(self.runtime.device) for k, v in self.stream.next_batch().items()}
         t0 = time.perf_counter()
         self.part.train()
-        self._activations = self.part(batch["input_ids"], batch["attention_mask"])
+        with self.runtime.compute():
+            self._activations = self.part(batch["input_ids"], batch["attention_mask"])
         if self.privacy.active:
             self._activations = self.privacy.apply(self._activations, self.noise)
-        self.compute_s += time.perf_counter() - t0
+        self.compute_s += self.runtime.elapsed(t0)
         # a U-shaped client computes the loss itself: its labels stay here
         self._pending = (batch["attention_mask"], batch["labels"])
         labels = None if getattr(self.part, "top", None) is not None else batch["labels"]
@@ -205,8 +208,10 @@ class Client:
             raise RuntimeError(f"client {self.cid}: top_step() without a pending forward()")
         t0 = time.perf_counter()
         mask, labels = self._pending
-        x = activations.detach().requires_grad_(True)
-        loss, value = lm_losses(self.part.top(x, mask), labels, self.learner.cfg.label_smoothing)
+        x = activations.detach().to(self.runtime.device, self.runtime.dtype).requires_grad_(True)
+        with self.runtime.compute():
+            logits = self.part.top(x, mask)
+        loss, value = lm_losses(logits, labels, self.learner.cfg.label_smoothing)
         loss.backward()
         if not all_finite([loss, x.grad]):
             self.learner.discard()
@@ -214,7 +219,7 @@ class Client:
             raise BadUpdate(f"client {self.cid}: the server's activations gave a non-finite loss or gradient; "
                             "the step is skipped")
         grad = self.privacy.apply_grad(x.grad, self.noise)
-        self.compute_s += time.perf_counter() - t0
+        self.compute_s += self.runtime.elapsed(t0)
         return {"activations_grad": grad}, value
 
     def backward(self, activations_grad: torch.Tensor | None, global_step: int) -> None:
@@ -224,10 +229,10 @@ class Client:
             raise RuntimeError(f"client {self.cid}: backward() without a pending forward()")
         t0 = time.perf_counter()
         if activations_grad is not None:
-            self._activations.backward(activations_grad)
+            self._activations.backward(activations_grad.to(self._activations.device, self._activations.dtype))
         self._activations = None
         stepped = self.learner.step(global_step)
-        self.compute_s += time.perf_counter() - t0
+        self.compute_s += self.runtime.elapsed(t0)
         if not stepped:
             raise BadUpdate(f"client {self.cid}: a non-finite gradient; the step is skipped")
 
@@ -235,15 +240,16 @@ class Client:
         """A whole-model training step on the next batch; returns (loss, batch size)."""
         if not self.part.has_head:
             raise RuntimeError(f"client {self.cid}: local_step() needs the whole model")
-        batch = self.stream.next_batch()
+        batch = {k: v.to(self.runtime.device) for k, v in self.stream.next_batch().items()}
         self.last_shape = tuple(batch["input_ids"].shape)
         t0 = time.perf_counter()
         self.part.train()
-        logits = self.part(batch["input_ids"], batch["attention_mask"])
+        with self.runtime.compute():
+            logits = self.part(batch["input_ids"], batch["attention_mask"])
         loss, value = lm_losses(logits, batch["labels"], self.learner.cfg.label_smoothing)
         loss.backward()
         stepped = self.learner.step(global_step)
-        self.compute_s += time.perf_counter() - t0
+        self.compute_s += self.runtime.elapsed(t0)
         if not (stepped and all_finite([loss])):
             raise BadUpdate(f"client {self.cid}: a non-finite loss or gradient; the step is skipped")
         return value, len(batch["input_ids"])
@@ -291,9 +297,11 @@ class Client:
 class MainServer:
     """The server-side model: one shared part (SFL-V2) or one part per client (SFL-V1)."""
 
-    def __init__(self, parts: list[ModelPart], cfg: OptimConfig):
+    def __init__(self, parts: list[ModelPart], cfg: OptimConfig, runtime: Runtime = Runtime()):
         self.learners = [Learner(p, cfg) for p in parts]
-        self.cfg = cfg
+        self.cfg, self.runtime = cfg, runtime
+        for p in parts:
+            set_checkpointing(p, runtime.checkpointing)
         self.compute_s = 0.0
         self.views: dict[int, ModelPart] = {}   # cid -> the part to run for it (clients with their own split)
         self._middle: dict[int, tuple] = {}      # U-shape: cid -> (input, output) awaiting the gradient
@@ -312,17 +320,19 @@ class MainServer:
         t0 = time.perf_counter()
         learner = self.learner_for(cid)
         learner.part.train()
-        activations = msg["activations"].detach().requires_grad_(return_grad)
-        logits = self.views.get(cid, learner.part)(activations, msg["attention_mask"].long())
-        loss, value = lm_losses(logits, msg["labels"].long(), self.cfg.label_smoothing)
+        rt = self.runtime
+        activations = msg["activations"].detach().to(rt.device, rt.dtype).requires_grad_(return_grad)
+        with rt.compute():
+            logits = self.views.get(cid, learner.part)(activations, msg["attention_mask"].to(rt.device).long())
+        loss, value = lm_losses(logits, msg["labels"].to(rt.device).long(), self.cfg.label_smoothing)
         loss.backward()
         grad = activations.grad
         if not all_finite([loss, grad]):
             learner.discard()
         elif learner.step(global_step):
-            self.compute_s += time.perf_counter() - t0
+            self.compute_s += self.runtime.elapsed(t0)
             return {"activations_grad": grad}, value
-        self.compute_s += time.perf_counter() - t0
+        self.compute_s += self.runtime.elapsed(t0)
         raise BadUpdate(f"client {cid}: its smashed activations gave a non-finite loss or gradient at the server; "
                         "the server's step is skipped")
 
@@ -331,9 +341,11 @@ class MainServer:
         t0 = time.perf_counter()
         learner = self.learner_for(cid)
         learner.part.train()
-        x = msg["activations"].detach().requires_grad_(True)
-        out = self.views.get(cid, learner.part)(x, msg["attention_mask"].long())
-        self.compute_s += time.perf_counter() - t0
+        rt = self.runtime
+        x = msg["activations"].detach().to(rt.device, rt.dtype).requires_grad_(True)
+        with rt.compute():
+            out = self.views.get(cid, learner.part)(x, msg["attention_mask"].to(rt.device).long())
+        self.compute_s += self.runtime.elapsed(t0)
         if not all_finite([out]):
             raise BadUpdate(f"client {cid}: its smashed activations gave non-finite values at the server")
         self._middle[cid] = (x, out)
@@ -350,12 +362,12 @@ class MainServer:
         learner = self.learner_for(cid)
         inputs = [x] if return_grad else []
         inputs += [p for p in self.views.get(cid, learner.part).trainable_parameters() if p.requires_grad]
-        torch.autograd.backward(out, grad, inputs=inputs)
+        torch.autograd.backward(out, grad.to(out.device, out.dtype), inputs=inputs)
         if not (all_finite([x.grad]) and learner.step(global_step)):
             learner.discard()
-            self.compute_s += time.perf_counter() - t0
+            self.compute_s += self.runtime.elapsed(t0)
             raise BadUpdate(f"client {cid}: a non-finite gradient at the server; the server's step is skipped")
-        self.compute_s += time.perf_counter() - t0
+        self.compute_s += self.runtime.elapsed(t0)
         return {"activations_grad": x.grad if return_grad else None}
 
     def adapter_states(self) -> list[dict[str, torch.Tensor]]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
@@ -138,6 +139,7 @@ class ModelPart(nn.Module):
         self.mods = nn.ModuleDict({k: v for k, v in mods.items() if k not in drop})
         self.blocks = nn.ModuleList(list(mods["blocks"])[start:stop])
         self.adapter = adapter
+        self.checkpointing = False   # recompute each block in backward (runtime.gradient_checkpointing)
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
                 cache=None, logits_to_keep: int = 0) -> torch.Tensor:
@@ -152,8 +154,13 @@ class ModelPart(nn.Module):
         h = self.family.embed(self.mods, x, position_ids) if self.has_embeddings else x
         ctx = {**self.family.extra(self.mods, h, position_ids), "cache": cache}
         mask = self.family.masks(self.config, h, attention_mask, position_ids, cache, range(self.start, self.stop))
+        recompute = self.checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            h = self.family.block(block, h, mask(self.start + i), ctx)
+            if recompute:   # the RNG state is restored for the recomputation: the same dropout masks
+                h = torch.utils.checkpoint.checkpoint(self.family.block, block, h, mask(self.start + i), ctx,
+                                                      use_reentrant=False)
+            else:
+                h = self.family.block(block, h, mask(self.start + i), ctx)
         if not self.has_head:
             return h
         return self.family.head(self.mods, h[:, -logits_to_keep:] if logits_to_keep else h)
@@ -173,10 +180,28 @@ class ModelPart(nn.Module):
         for k, p in self.adapter.items():
             p.copy_(state[k])
 
-    def replicate(self) -> "ModelPart":
-        """A copy with its own LoRA parameters; frozen weights and buffers stay shared (no memory cost)."""
-        memo = {id(t): t for t in [*self.parameters(), *self.buffers()] if not t.requires_grad}
+    @property
+    def device(self) -> torch.device:
+        return next(p.device for p in self.parameters() if p.device.type != "meta")
+
+    def replicate(self, device: torch.device | str | None = None) -> "ModelPart":
+        """A copy with its own LoRA parameters; frozen weights and buffers stay shared (no memory cost),
+        unless `device` is another device: then the copy holds its own frozen weights there."""
+        if device is not None and torch.device(device) != self.device:
+            from .models import to_device
+            copied = copy.deepcopy(self)
+            to_device(copied, device)
+            return copied
+        from .quantize import shared_tensors
+
+        memo = {id(t): t for t in [*self.parameters(), *self.buffers(), *shared_tensors(self)] if not t.requires_grad}
         return copy.deepcopy(self, memo)
+
+
+def set_checkpointing(part, on: bool) -> None:
+    """Gradient checkpointing for a part (a UPart: both its parts)."""
+    for p in (part.bottom, part.top) if isinstance(part, UPart) else (part,):
+        p.checkpointing = on
 
 
 def adapter_keys(peft_model) -> dict[int, str]:
@@ -242,8 +267,8 @@ class UPart(nn.Module):
         self.bottom.load_adapter_state({k: state[k] for k in self.bottom.adapter})
         self.top.load_adapter_state({k: state[k] for k in self.top.adapter})
 
-    def replicate(self) -> UPart:
-        return UPart(self.bottom.replicate(), self.top.replicate())
+    def replicate(self, device: torch.device | str | None = None) -> UPart:
+        return UPart(self.bottom.replicate(device), self.top.replicate(device))
 
 
 def split_u(peft_model, split_layer: int, top_layers: int) -> tuple[UPart, ModelPart]:

@@ -26,6 +26,7 @@ from .data import BatchStream
 from .errors import RunError
 from .roles import (BadUpdate, Client, ClientDropped, FedServer, Loss, MainServer, OptimConfig, Privacy,
                     all_finite, fedavg, lr_at)
+from .runtime import Runtime
 from .split import ModelPart, full_part, split_model, split_u
 from .wire import Link, LinkedClient, data_message
 
@@ -49,19 +50,26 @@ class Setup:
     remote: Callable | None = None         # (cid, client part) -> RemoteClient, for a deployed server
     top_layers: int = 0                    # m > 0: U-shaped split, the client also holds the last m blocks + head
     privacy: Privacy = field(default_factory=Privacy)   # clipping and noise on what clients send
+    server_runtime: Runtime = field(default_factory=Runtime)   # the main server's device and precision
+    client_runtimes: list[Runtime] | None = None              # each client's (None: the server's)
+
+    def client_runtime(self, cid: int) -> Runtime:
+        return self.client_runtimes[cid] if self.client_runtimes else self.server_runtime
 
     def clients(self, part: ModelPart, features: list[list[dict]] | None = None) -> list:
+        """The clients, each with its own copy of `part` (its own LoRA; the frozen base weights are shared
+        with the template where the client's device is the template's, copied to the client's device else)."""
         if self.remote is not None:
             return [self.remote(cid, part) for cid in range(self.num_clients)]
         features = self.client_features if features is None else features
-        return [LinkedClient(make_client(cid, part.replicate(), f, self), self.link)
+        return [LinkedClient(make_client(cid, part.replicate(self.client_runtime(cid).device), f, self), self.link)
                 for cid, f in enumerate(features)]
 
 
 def make_client(cid: int, part: ModelPart, features: list[dict], setup: Setup) -> Client:
     """The client role as every process builds it: its part, its data stream, its optimizer."""
     stream = BatchStream(features, setup.batch_size, setup.seed * 1009 + cid, setup.pad_token_id)
-    return Client(cid, part, stream, setup.optim, setup.privacy, setup.seed)
+    return Client(cid, part, stream, setup.optim, setup.privacy, setup.seed, setup.client_runtime(cid))
 
 
 class Strategy:
@@ -304,7 +312,7 @@ class SplitLoRA(FedLoRA):
         self.clients = setup.clients(client_part)
         self._start_from(client_part)
         copies = 1 if setup.server_mode == "shared" else len(self.clients)
-        self.server = MainServer([server_part.replicate() for _ in range(copies)], setup.optim)
+        self.server = MainServer([server_part.replicate() for _ in range(copies)], setup.optim, setup.server_runtime)
 
     def bottom_trains(self) -> bool:
         """Whether the clients' bottom parts have anything to train (else no activation gradient is sent)."""

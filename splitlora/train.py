@@ -25,9 +25,10 @@ from .checkpoint import load_checkpoint, remove_partial, save_checkpoint
 from .config import Config, ConfigError, resolve_path
 from .errors import Interrupted
 from .rundir import StopRequest, carry_metrics, check_output
+from .runtime import DTYPES, Runtime, runtime_of
 from .cost import CostError, CostModel, Profile, Shapes, load_profiles, resolve
-from .lora import apply_lora, export_adapter, load_into, lora_config
-from .models import load_model
+from .build import role_model
+from .lora import export_adapter, load_into
 from .roles import FedServer, Loss, OptimConfig, Privacy, lm_loss
 from .roles import Client
 from .split import full_part, split_model, split_u
@@ -56,17 +57,6 @@ def load_examples(cfg: Config) -> tuple[list[D.Example], list[D.Example]]:
     return D.split_by_group(train, cfg.data.val_fraction, cfg.train.seed)
 
 
-def _model(cfg: Config, **keep):
-    """The base model with the run's LoRA (same init in every process: seeded). `keep` (layers,
-    embeddings, head; see `load_model`) limits which base weights are materialised; the LoRA
-    initialisation of the kept layers is the same as with the whole model."""
-    lm = load_model(cfg.model.name, seed=cfg.train.seed, **keep)
-    lcfg = lora_config(lm.model.config, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout,
-                       cfg.lora.target_modules, cfg.lora.rslora)
-    template = apply_lora(lm.model, lcfg, cfg.train.seed)
-    return lm, template.eval()
-
-
 def client_data(cfg: Config, tokenizer, train_ex: list[D.Example], only: int | None = None) -> list[list[dict]]:
     """Every client's tokenized partition of the training data (with `only`: just that client's,
     as a one-element list)."""
@@ -88,7 +78,8 @@ def _nonempty(cfg: Config, feats: list, name: str) -> None:
                           "example that keeps a completion token")
 
 
-def _setup(cfg: Config, template, tokenizer, client_features, remote=None, link=None) -> Setup:
+def _setup(cfg: Config, template, tokenizer, client_features, remote=None, link=None,
+           client_runtimes: list[Runtime] | None = None) -> Setup:
     t = cfg.train
     return Setup(
         template=template, client_features=client_features,
@@ -99,7 +90,8 @@ def _setup(cfg: Config, template, tokenizer, client_features, remote=None, link=
         top_layers=cfg.model.top_layers,
         privacy=Privacy(**cfg.privacy.model_dump()),
         link=link if link is not None else Link(cfg.wire.precision), remote=remote,
-        fed=FedServer(cfg.strategy.aggregation, cfg.strategy.trim_fraction))
+        fed=FedServer(cfg.strategy.aggregation, cfg.strategy.trim_fraction),
+        server_runtime=runtime_of(cfg, "server"), client_runtimes=client_runtimes)
 
 
 def cost_profiles(cfg: Config) -> tuple[list[Profile], Profile]:
@@ -127,11 +119,20 @@ def build_run(cfg: Config, hub=None) -> Run:
     stays with them and the strategy reaches them through the hub's sessions."""
     torch.manual_seed(cfg.train.seed)
     train_ex, val_ex = load_examples(cfg)
-    lm, template = _model(cfg)
+    server = runtime_of(cfg, "server")
+    # a deployed server does not resolve its clients' devices: they are other machines'
+    clients = [runtime_of(cfg, "client", cid) for cid in range(cfg.strategy.num_clients)] if hub is None else None
+    if cfg.model.quantization != "none" and any(c.device != server.device for c in clients or ()):
+        raise ConfigError("runtime.client_devices: a quantized base is built on one device; in one simulation the "
+                          "clients must share the server's device (a deployment puts each role where it runs)")
+    if cfg.strategy.name in ("hsplitlora", "hetlora") and any(c.device != server.device for c in clients or ()):
+        raise ConfigError(f"runtime.client_devices: {cfg.strategy.name} runs its clients on the server's device "
+                          "(its aggregation mixes client and server factors)")
+    lm, template = role_model(cfg, server)   # the simulator's model, on the server's device
     val = D.tokenize(val_ex, lm.tokenizer, cfg.data.max_length)[: cfg.data.val_max_samples]
     _nonempty(cfg, val, "validation set")
     if hub is None:
-        setup = _setup(cfg, template, lm.tokenizer, client_data(cfg, lm.tokenizer, train_ex))
+        setup = _setup(cfg, template, lm.tokenizer, client_data(cfg, lm.tokenizer, train_ex), client_runtimes=clients)
     else:
         setup = _setup(cfg, template, lm.tokenizer, None, link=hub.stats,
                        remote=_remote_clients(cfg, hub, lm, template, train_ex, val))
@@ -164,8 +165,11 @@ def _remote_clients(cfg: Config, hub, lm, template, train_ex, val_features):
                           Privacy(**cfg.privacy.model_dump()), cfg.train.label_smoothing, cfg.deploy.bound_factor,
                           seed=cfg.train.seed)
     config = lm.model.config
+    wire = {"fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}.get(cfg.wire.precision)
 
     def remote(cid, part):
+        # a client's activations and gradients arrive in its base dtype, or as the wire precision made them
+        act_dtypes = tuple(dict.fromkeys(d for d in (DTYPES[cfg.runtime.dtype], wire) if d is not None))
         shapes = {k: tuple(p.shape) for k, p in part.adapter.items()}
         max_bytes, max_header = message_limits(config.hidden_size, cfg.train.batch_size, cfg.data.max_length, shapes)
         if cfg.deploy.max_message_mb is not None:
@@ -173,7 +177,7 @@ def _remote_clients(cfg: Config, hub, lm, template, train_ex, val_features):
         return hub.configure(cid, Expectations(config.hidden_size, config.vocab_size, cfg.train.batch_size,
                                                cfg.data.max_length, shapes, max_bytes,
                                                labels=cfg.model.top_layers == 0, max_header=max_header,
-                                               bounds=bounds, num_samples=counts[cid]))
+                                               bounds=bounds, num_samples=counts[cid], act_dtypes=act_dtypes))
     return remote
 
 
@@ -189,14 +193,16 @@ def client_role(cfg: Config, cid: int) -> Client:
     torch.manual_seed(cfg.train.seed)
     train_ex, _ = load_examples(cfg)
     whole, u = cfg.strategy.name == "fedlora", cfg.model.top_layers
-    lm, template = _model(cfg) if whole else _model(cfg, layers=range(cfg.model.split_layer), head=bool(u),
-                                                    top_layers=u)
+    runtime = runtime_of(cfg, "client", cid)
+    lm, template = role_model(cfg, runtime) if whole else \
+        role_model(cfg, runtime, layers=range(cfg.model.split_layer), head=bool(u), top_layers=u)
     features = client_data(cfg, lm.tokenizer, train_ex, only=cid)[0]
     if cfg.model.top_layers:
         part = split_u(template, cfg.model.split_layer, cfg.model.top_layers)[0]
     else:
         part = full_part(template) if cfg.strategy.name == "fedlora" else split_model(template, cfg.model.split_layer)[0]
-    role = make_client(cid, part, features, _setup(cfg, template, lm.tokenizer, None))
+    role = make_client(cid, part, features, _setup(cfg, template, lm.tokenizer, None,
+                                                   client_runtimes=[runtime] * cfg.strategy.num_clients))
     # a deployed client's noise must be unknown to the server, which knows the config's seed
     role.noise.manual_seed(int.from_bytes(os.urandom(8), "little"))
     return role
@@ -206,19 +212,22 @@ def client_role(cfg: Config, cid: int) -> Client:
 def validation_loss(run: Run) -> float:
     """Token-mean cross-entropy (no smoothing) of the global model on the validation slice."""
     load_into(run.template, run.strategy.global_adapter())
-    return model_loss(run.template, run.val_features, run.tokenizer.pad_token_id, run.cfg.train.eval_batch_size)
+    return model_loss(run.template, run.val_features, run.tokenizer.pad_token_id, run.cfg.train.eval_batch_size,
+                      run.strategy.s.server_runtime)
 
 
 @torch.no_grad()
-def model_loss(model, features: list[dict], pad_id: int, batch_size: int) -> float:
-    """Token-mean cross-entropy (no smoothing) of a whole model (eval mode) on tokenized examples."""
+def model_loss(model, features: list[dict], pad_id: int, batch_size: int, runtime: Runtime = Runtime()) -> float:
+    """Token-mean cross-entropy (no smoothing) of a whole model (eval mode, on `runtime`'s device and
+    precision) on tokenized examples."""
     model.eval()
     total, tokens = 0.0, 0
     for i in range(0, len(features), batch_size):
-        batch = D.collate(features[i:i + batch_size], pad_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        batch = {k: v.to(runtime.device) for k, v in D.collate(features[i:i + batch_size], pad_id).items()}
+        with runtime.compute():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         n = int((batch["labels"][:, 1:] != -100).sum())
-        total += lm_loss(logits, batch["labels"], 0.0).item() * n
+        total += lm_loss(logits.float(), batch["labels"], 0.0).item() * n
         tokens += n
     return total / max(tokens, 1)
 

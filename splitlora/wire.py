@@ -25,8 +25,8 @@ _SCALE = ".int8_scale"
 def _quantize(tensors: dict[str, torch.Tensor], precision: str) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in tensors.items():
-        v = v.detach()
-        if k not in LOSSY or precision == "fp32":
+        v = v.detach().cpu()   # serialized from host memory, whatever device the sender computes on
+        if k not in LOSSY or precision == "fp32":   # fp32: as it is (bf16 activations are not up-cast)
             out[k] = v
         elif precision in ("fp16", "bf16"):
             out[k] = v.to(torch.float16 if precision == "fp16" else torch.bfloat16)
@@ -38,8 +38,9 @@ def _quantize(tensors: dict[str, torch.Tensor], precision: str) -> dict[str, tor
 
 
 def dequantize(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Back to fp32; anything but the documented forms (F32/F16/BF16, or I8 with one [1] F32 scale,
-    for the lossy tensors only) is refused, so a small message cannot expand into a huge one."""
+    """int8 back to fp32; fp32, bf16 and fp16 tensors stay as they travelled (the receiver casts to its own
+    compute dtype). Anything but the documented forms (F32/F16/BF16, or I8 with one [1] F32 scale, for the
+    lossy tensors only) is refused, so a small message cannot expand into a huge one."""
     out = {}
     for k, v in tensors.items():
         if k.endswith(_SCALE):
@@ -53,9 +54,7 @@ def dequantize(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 if v.dtype != torch.int8 or scale.dtype != torch.float32 or tuple(scale.shape) != (1,):
                     raise ValueError(f"{k}: int8 needs one float32 scale of shape [1]")
                 v = v.float() * scale
-            elif v.dtype in (torch.float32, torch.float16, torch.bfloat16):
-                v = v.float()
-            else:
+            elif v.dtype not in (torch.float32, torch.float16, torch.bfloat16):
                 raise ValueError(f"{k}: dtype {v.dtype} is not a wire precision")
         out[k] = v
     return out

@@ -284,6 +284,55 @@ def test_bench_noise(tmp_path, e2e_file):
     assert result["runs"]["act-0.5"]["val_loss_noisy_split"] > 0
 
 
+def test_bench_precision(tmp_path, e2e_file):
+    out = tmp_path / "precision.json"
+    config = write_config(tmp_path, e2e_file, {"train.max_steps": 2})
+    assert main(["bench", "precision", "--output", str(out), "--config", str(config),
+                 "--workdir", str(tmp_path / "work")]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["final_val_loss"]) == {"fp32", "bf16-autocast", "bf16"}
+    assert result["step_ratio_to_fp32"]["fp32"] == 1.0 and all(v > 0 for v in result["peak_rss_mib"].values())
+    assert all(abs(v) < 0.05 for v in result["val_loss_relative_to_fp32"].values())
+
+
+def test_bench_memory(tmp_path):
+    out = tmp_path / "memory.json"
+    assert main(["bench", "memory", "--output", str(out), "--shapes", "tiny", "--variants", "bf16,nf4",
+                 "--sides", "server"]) == 0
+    cases = {c["variant"]: c for c in json.loads(out.read_text())["cases"]}
+    assert set(cases) == {"bf16", "nf4"} and all(c["measured"] and c["step_s"] > 0 for c in cases.values())
+    assert cases["nf4"]["frozen_bytes"] < cases["bf16"]["frozen_bytes"]
+
+
+def test_bench_memory_estimates_fp32_from_a_later_bf16_case():
+    """A part too large for fp32 is estimated from its bf16 case, measured after it in the run's order."""
+    from splitlora.bench.memory import estimate
+
+    cases = [{"shape": "s", "side": "server", "variant": "fp32", "measured": False, "params": 10, "estimate": "."},
+             {"shape": "s", "side": "client", "variant": "bf16", "measured": True, "peak_bytes": 7},
+             {"shape": "s", "side": "server", "variant": "bf16", "measured": True, "peak_bytes": 100}]
+    estimate(cases)
+    assert cases[0]["peak_bytes"] == 120
+
+
+def test_gpu_script_runs_its_steps(tmp_path):
+    """benchmarks/gpu.sh, in its CPU smoke mode (shape:tiny): every step runs and writes its JSON."""
+    import os
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.sh"
+    env = {**os.environ, "SPLITLORA_GPU_SMOKE": "1", "SPLITLORA_WHEELS": str(tmp_path / "none"),
+           "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(script), str(tmp_path / "gpu")], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    overhead = json.loads((tmp_path / "gpu" / "overhead-tiny-bf16.json").read_text())
+    assert overhead["runtime"]["dtype"] == "bfloat16" and overhead["mfu"]["split"] > 0
+    memory = json.loads((tmp_path / "gpu" / "memory-tiny.json").read_text())
+    assert [(c["side"], c["variant"], c["measured"]) for c in memory["cases"]] == [("server", "nf4", True)]
+    assert "all done" in done.stdout
+
+
 def test_every_command_and_bench_has_a_smoke_test():
     """A new command or bench without a test here fails this test."""
     from splitlora.cli import _parser

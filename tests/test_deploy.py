@@ -73,7 +73,9 @@ def wait_all(procs, server_thread, result, timeout=180):
 
 DEPLOYED = {"shared": {"strategy.server_mode": "shared"}, "per_client": {"strategy.server_mode": "per_client"},
             "fedlora": {"strategy.name": "fedlora"}, "sl": {"strategy.name": "sl"},
-            "clipped": {"strategy.aggregation": "clipped"}}
+            "clipped": {"strategy.aggregation": "clipped"},
+            "bf16": {"runtime.dtype": "bf16", "runtime.autocast": "bf16", "model.top_layers": 1},
+            "nf4": {"runtime.dtype": "bf16", "model.quantization": "nf4"}}
 
 
 @pytest.mark.parametrize("label", list(DEPLOYED))

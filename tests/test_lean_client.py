@@ -7,8 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+import splitlora.build as B
 import splitlora.models as M
 import splitlora.train as T
+from splitlora.runtime import runtime_of
 from splitlora.split import family_of, split_model
 
 SMOLLM2_FILE = M.cache_dir() / M.SMOLLM2 / "model.safetensors"
@@ -24,7 +26,7 @@ def loaded(monkeypatch):
         models.append(lm.model)
         return lm
 
-    monkeypatch.setattr(T, "load_model", spy)
+    monkeypatch.setattr(B, "load_model", spy)   # the one place a role's model is built
     return models
 
 
@@ -46,7 +48,7 @@ def _assert_lean(role, hf, k: int) -> None:
 def _assert_equals_full_client_part(cfg, role) -> None:
     """Outputs, buffers and LoRA initialisation equal those of the whole model's client part."""
     T.torch.manual_seed(cfg.train.seed)
-    _, full = T._model(cfg)
+    _, full = B.role_model(cfg, runtime_of(cfg, "server"))
     ref = split_model(full, cfg.model.split_layer)[0]
     assert set(ref.adapter) == set(role.part.adapter)
     for key, p in ref.adapter.items():
@@ -164,7 +166,7 @@ def test_ushaped_client_materialises_only_its_two_parts(model, make_config, load
     assert real == {id(p) for p in role.part.parameters()}
     assert any(p.device.type == "meta" for p in hf.parameters())
     T.torch.manual_seed(cfg.train.seed)
-    _, full = T._model(cfg)
+    _, full = B.role_model(cfg, runtime_of(cfg, "server"))
     ref = split_u(full, 1, 1)[0]
     assert all(torch.equal(p, role.part.adapter[k]) for k, p in ref.adapter.items())
     ids = torch.randint(0, 200, (2, 10), generator=torch.Generator().manual_seed(0))

@@ -21,13 +21,22 @@ def test_round_trip_error_and_size(precision, tol, ratio):
     msg = smashed_message(act, mask, labels)
     data = encode(msg, precision)
     back = decode(data)
-    assert back["activations"].dtype == torch.float32
-    err = (back["activations"] - act).abs().max() / act.abs().max()
+    # what travelled: fp16 and bf16 stay so (the receiver casts), int8 comes back as fp32
+    assert back["activations"].dtype == {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+    err = (back["activations"].float() - act).abs().max() / act.abs().max()
     assert err <= tol
     assert torch.equal(back["attention_mask"], mask.bool()) and torch.equal(back["labels"], labels.int())
     full = len(encode(msg, "fp32"))
     act_bytes = act.numel() * 4
     assert abs((len(data) - (full - act_bytes)) / act_bytes - ratio) < 0.01   # only the activations shrink
+
+
+def test_bf16_activations_travel_as_they_are():
+    act = torch.randn(2, 4, 8).bfloat16()
+    msg = smashed_message(act, torch.ones(2, 4), None)
+    assert len(encode(msg, "fp32")) < len(encode(smashed_message(act.float(), torch.ones(2, 4), None), "fp32"))
+    back = decode(encode(msg, "fp32"))["activations"]
+    assert back.dtype == torch.bfloat16 and torch.equal(back, act)
 
 
 def test_adapters_are_never_quantized():
