@@ -157,7 +157,7 @@ class HSplitLoRA(SplitLoRA):
             c.client.compute_s, c.client.noise = old.compute_s, old.noise
         server = make_part(self.s.template, min(self.splits), self.top).replicate()
         compute_s = self.server.compute_s
-        self.server = MainServer([server], self.s.optim, self.s.server_runtime)
+        self.server = MainServer([server], self.s.optim, self.s.server_runtime, self.s.seed)
         self.server.compute_s = compute_s
         self.server.views = {i: _view(server, k) for i, k in enumerate(self.splits)}
         self._reset()

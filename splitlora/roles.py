@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from . import robust
 from .data import BatchStream
-from .runtime import Runtime
+from .runtime import RandomStream, Runtime, role_seed
 from .split import ModelPart, set_checkpointing
 from .wire import smashed_message
 
@@ -170,6 +170,7 @@ class Client:
         self.cid, self.part, self.stream, self.runtime = cid, part, stream, runtime
         self.privacy = privacy
         self.noise = runtime.generator(seed * 7907 + cid)
+        self.rng = RandomStream(role_seed(seed, "client", cid), runtime.device)
         set_checkpointing(part, runtime.checkpointing)
         self.learner = Learner(part, cfg)
         self.compute_s = 0.0
@@ -190,7 +191,7 @@ class Client:
         batch = {k: v.to(self.runtime.device) for k, v in self.stream.next_batch().items()}
         t0 = time.perf_counter()
         self.part.train()
-        with self.runtime.compute():
+        with self.rng.active(), self.runtime.compute():
             self._activations = self.part(batch["input_ids"], batch["attention_mask"])
         if self.privacy.active:
             self._activations = self.privacy.apply(self._activations, self.noise)
@@ -209,7 +210,7 @@ class Client:
         t0 = time.perf_counter()
         mask, labels = self._pending
         x = activations.detach().to(self.runtime.device, self.runtime.dtype).requires_grad_(True)
-        with self.runtime.compute():
+        with self.rng.active(), self.runtime.compute():
             logits = self.part.top(x, mask)
         loss, value = lm_losses(logits, labels, self.learner.cfg.label_smoothing)
         loss.backward()
@@ -229,7 +230,8 @@ class Client:
             raise RuntimeError(f"client {self.cid}: backward() without a pending forward()")
         t0 = time.perf_counter()
         if activations_grad is not None:
-            self._activations.backward(activations_grad.to(self._activations.device, self._activations.dtype))
+            with self.rng.active():   # a checkpointed block recomputes its forward here
+                self._activations.backward(activations_grad.to(self._activations.device, self._activations.dtype))
         self._activations = None
         stepped = self.learner.step(global_step)
         self.compute_s += self.runtime.elapsed(t0)
@@ -244,7 +246,7 @@ class Client:
         self.last_shape = tuple(batch["input_ids"].shape)
         t0 = time.perf_counter()
         self.part.train()
-        with self.runtime.compute():
+        with self.rng.active(), self.runtime.compute():
             logits = self.part(batch["input_ids"], batch["attention_mask"])
         loss, value = lm_losses(logits, batch["labels"], self.learner.cfg.label_smoothing)
         loss.backward()
@@ -284,7 +286,7 @@ class Client:
 
     def state_dict(self) -> dict:
         return {"learner": self.learner.state_dict(), "stream": self.stream.state_dict(),
-                "compute_s": self.compute_s, "noise": self.noise.get_state()}
+                "compute_s": self.compute_s, "noise": self.noise.get_state(), "rng": self.rng.state}
 
     def load_state_dict(self, state: dict) -> None:
         self.learner.load_state_dict(state["learner"])
@@ -292,14 +294,17 @@ class Client:
         self.compute_s = state["compute_s"]
         if "noise" in state:
             self.noise.set_state(state["noise"])
+        if "rng" in state:
+            self.rng.state = state["rng"].clone()
 
 
 class MainServer:
     """The server-side model: one shared part (SFL-V2) or one part per client (SFL-V1)."""
 
-    def __init__(self, parts: list[ModelPart], cfg: OptimConfig, runtime: Runtime = Runtime()):
+    def __init__(self, parts: list[ModelPart], cfg: OptimConfig, runtime: Runtime = Runtime(), seed: int = 0):
         self.learners = [Learner(p, cfg) for p in parts]
         self.cfg, self.runtime = cfg, runtime
+        self.rng = RandomStream(role_seed(seed, "server"), runtime.device)
         for p in parts:
             set_checkpointing(p, runtime.checkpointing)
         self.compute_s = 0.0
@@ -322,10 +327,11 @@ class MainServer:
         learner.part.train()
         rt = self.runtime
         activations = msg["activations"].detach().to(rt.device, rt.dtype).requires_grad_(return_grad)
-        with rt.compute():
-            logits = self.views.get(cid, learner.part)(activations, msg["attention_mask"].to(rt.device).long())
-        loss, value = lm_losses(logits, msg["labels"].to(rt.device).long(), self.cfg.label_smoothing)
-        loss.backward()
+        with self.rng.active():
+            with rt.compute():
+                logits = self.views.get(cid, learner.part)(activations, msg["attention_mask"].to(rt.device).long())
+            loss, value = lm_losses(logits, msg["labels"].to(rt.device).long(), self.cfg.label_smoothing)
+            loss.backward()
         grad = activations.grad
         if not all_finite([loss, grad]):
             learner.discard()
@@ -343,7 +349,7 @@ class MainServer:
         learner.part.train()
         rt = self.runtime
         x = msg["activations"].detach().to(rt.device, rt.dtype).requires_grad_(True)
-        with rt.compute():
+        with self.rng.active(), rt.compute():
             out = self.views.get(cid, learner.part)(x, msg["attention_mask"].to(rt.device).long())
         self.compute_s += self.runtime.elapsed(t0)
         if not all_finite([out]):
@@ -362,7 +368,8 @@ class MainServer:
         learner = self.learner_for(cid)
         inputs = [x] if return_grad else []
         inputs += [p for p in self.views.get(cid, learner.part).trainable_parameters() if p.requires_grad]
-        torch.autograd.backward(out, grad.to(out.device, out.dtype), inputs=inputs)
+        with self.rng.active():
+            torch.autograd.backward(out, grad.to(out.device, out.dtype), inputs=inputs)
         if not (all_finite([x.grad]) and learner.step(global_step)):
             learner.discard()
             self.compute_s += self.runtime.elapsed(t0)
@@ -378,12 +385,15 @@ class MainServer:
             lr.part.load_adapter_state(state)
 
     def state_dict(self) -> dict:
-        return {"learners": [lr.state_dict() for lr in self.learners], "compute_s": self.compute_s}
+        return {"learners": [lr.state_dict() for lr in self.learners], "compute_s": self.compute_s,
+                "rng": self.rng.state}
 
     def load_state_dict(self, state: dict) -> None:
         for lr, s in zip(self.learners, state["learners"], strict=True):
             lr.load_state_dict(s)
         self.compute_s = state["compute_s"]
+        if "rng" in state:
+            self.rng.state = state["rng"].clone()
 
 
 def fedavg(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:

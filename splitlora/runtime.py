@@ -10,6 +10,7 @@ split is moved by the receiver.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
 from dataclasses import dataclass
 
@@ -77,6 +78,44 @@ class Runtime:
         return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "autocast": None if self.autocast is None else str(self.autocast).removeprefix("torch."),
                 "gradient_checkpointing": self.checkpointing, "quantization": self.quantization}
+
+
+def role_seed(seed: int, role: str, cid: int = 0) -> int:
+    """A seed of its own for each role of a run: (run seed, role, client id) hashed to 63 bits."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{role}:{cid}".encode()).digest()[:8], "little") >> 1
+
+
+class RandomStream:
+    """A role's own stream of the global random numbers its modules draw (LoRA dropout), swapped in while
+    the role computes. Without it the roles of a simulation share one stream and draw in turn, while a
+    deployed role draws alone: the same run gave other dropout masks in the two. With it a role draws
+    the same numbers wherever it runs, so a deployment equals the simulator with dropout too."""
+
+    def __init__(self, seed: int, device: torch.device = torch.device("cpu")):
+        self.device = device
+        self.state = torch.Generator(device=device).manual_seed(seed).get_state()
+
+    def _swap(self, state: torch.Tensor) -> torch.Tensor:
+        """Install `state` as the device's global generator state; return the one it replaces."""
+        if self.device.type == "cuda":
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            old = torch.cuda.get_rng_state(index)
+            torch.cuda.set_rng_state(state, index)
+        elif self.device.type == "mps":
+            old = torch.mps.get_rng_state()
+            torch.mps.set_rng_state(state)
+        else:
+            old = torch.get_rng_state()
+            torch.set_rng_state(state)
+        return old
+
+    @contextlib.contextmanager
+    def active(self):
+        outer = self._swap(self.state)
+        try:
+            yield
+        finally:
+            self.state = self._swap(outer)
 
 
 def runtime_of(cfg, role: str, cid: int | None = None) -> Runtime:

@@ -312,7 +312,8 @@ class SplitLoRA(FedLoRA):
         self.clients = setup.clients(client_part)
         self._start_from(client_part)
         copies = 1 if setup.server_mode == "shared" else len(self.clients)
-        self.server = MainServer([server_part.replicate() for _ in range(copies)], setup.optim, setup.server_runtime)
+        self.server = MainServer([server_part.replicate() for _ in range(copies)], setup.optim, setup.server_runtime,
+                                 setup.seed)
 
     def bottom_trains(self) -> bool:
         """Whether the clients' bottom parts have anything to train (else no activation gradient is sent)."""

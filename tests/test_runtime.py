@@ -231,3 +231,45 @@ def test_copies_of_a_quantized_part_share_weights_and_agree_whichever_runs_first
         assert torch.equal(a(ids, mask), first) and torch.equal(b(ids, mask), first)
     qa, qb = a.blocks[0].mlp.up_proj, b.blocks[0].mlp.up_proj
     assert qa is not qb and qa.weight.data_ptr() == qb.weight.data_ptr()
+
+
+def test_a_role_draws_its_own_random_numbers_wherever_it_runs():
+    """A role's stream (LoRA dropout) does not depend on what other roles or the process draw in between,
+    and leaves the process's own stream as it found it."""
+    from splitlora.runtime import RandomStream, role_seed
+
+    def draws(interleave: bool) -> list[torch.Tensor]:
+        torch.manual_seed(5)
+        role, out = RandomStream(role_seed(0, "client", 1)), []
+        for _ in range(3):
+            if interleave:
+                torch.rand(7)   # another role, or the simulator, drawing from the global stream
+            before = torch.get_rng_state()
+            with role.active():
+                out.append(torch.nn.functional.dropout(torch.ones(16), 0.5))
+            assert torch.equal(torch.get_rng_state(), before)
+        return out
+
+    alone, shared = draws(False), draws(True)
+    assert all(torch.equal(a, b) for a, b in zip(alone, shared))
+    assert not torch.equal(alone[0], alone[1])   # the stream moves on between steps
+    assert role_seed(0, "client", 1) != role_seed(0, "client", 2) != role_seed(0, "server")
+
+
+def test_a_roles_random_stream_is_checkpointed():
+    from splitlora.data import BatchStream
+    from splitlora.roles import Client, OptimConfig
+
+    lm = tiny_model("llama", 0)
+    peft = apply_lora(lm.model, lora_config(lm.model.config, 4, 8, 0.5), 0)
+    with torch.no_grad():   # B starts at zero, which would hide the dropout masks
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    part = split_model(peft, 1)[0]
+    feats = [{"input_ids": list(range(1, 9)), "labels": list(range(1, 9))}] * 4
+    client = Client(0, part, BatchStream(feats, 2, 0, 0), OptimConfig(1e-3, 0.0, 0, 10, 1.0, 0.0))
+    state = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in client.state_dict().items()}
+    first = client.forward()[0]["activations"]
+    client.load_state_dict(state)
+    assert torch.equal(client.forward()[0]["activations"], first)   # the same dropout masks again
