@@ -17,7 +17,7 @@ from .certs import client_credentials, is_loopback, server_credentials, tls_refu
 from .config import Config, ConfigError
 from .remote import METHOD, SERVICE, Hub, serve_client
 
-DEPLOYED = ("splitlora", "sl", "fedlora")
+DEPLOYED = ("splitlora", "sl", "fedlora", "dlora")
 
 
 def _host(address: str) -> str:

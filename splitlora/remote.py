@@ -131,9 +131,11 @@ def check_smashed(t: dict[str, torch.Tensor], e: Expectations) -> None:
         raise BadMessage("labels supervise no token")
 
 
-def check_adapter(t: dict[str, torch.Tensor], e: Expectations) -> None:
-    if set(t) != set(e.adapter_shapes):
-        raise BadMessage(f"adapter keys differ from the client part's ({len(t)} vs {len(e.adapter_shapes)})")
+def check_adapter(t: dict[str, torch.Tensor], e: Expectations, frozen=frozenset()) -> None:
+    """An adapter a client sends: its part's tensors, less the `frozen` ones (DLoRA's killed modules)."""
+    keys = set(e.adapter_shapes) - set(frozen)
+    if set(t) != keys:
+        raise BadMessage(f"adapter keys differ from the client part's ({len(t)} vs {len(keys)})")
     for k, v in t.items():
         if v.dtype != torch.float32 or tuple(v.shape) != e.adapter_shapes[k]:
             raise BadMessage(f"adapter tensor {k}: {v.dtype} {list(v.shape)}, expected {e.adapter_shapes[k]}")
@@ -201,6 +203,7 @@ class RemoteClient:
         self.compute_s = 0.0
         self.last_shape: tuple[int, int] = (0, 0)
         self.expect: Expectations | None = None
+        self.frozen: set = set()   # adapter keys the client was told to freeze (it does not send them)
 
     @property
     def connected(self) -> bool:
@@ -237,7 +240,7 @@ class RemoteClient:
                 if _count(rmeta.get("n")) != out["activations"].shape[0]:
                     raise BadMessage("smashed reply: n must be the batch size")
             elif reply == "adapter":
-                check_adapter(out, self.expect)
+                check_adapter(out, self.expect, set() if kind == "peek_adapter_state" else self.frozen)
             elif reply == "loss":
                 if not (_number(rmeta.get("loss")) and _number(rmeta.get("ce")) and _count(rmeta.get("n"))):
                     raise BadMessage("loss reply needs a finite loss and ce and a positive n")
@@ -285,13 +288,18 @@ class RemoteClient:
         hello says how many steps it has done) is told to start over from its initial state."""
         if self.hello_step > 0:
             self._call("reset", meta={"server_step": 0})
+            self.frozen = set()
 
     def forward(self):
         out, meta = self._call("forward", reply="smashed")
         return out, int(meta["n"])
 
-    def backward(self, activations_grad: torch.Tensor, global_step: int) -> None:
-        self._call("backward", {"activations_grad": activations_grad}, {"step": global_step}, lossy=True)
+    def backward(self, activations_grad: torch.Tensor | None, global_step: int) -> None:
+        """None: no gradient is sent; the client only steps its top (DLoRA killed its whole bottom)."""
+        if activations_grad is None:
+            self._call("backward", meta={"step": global_step, "no_grad": True})
+        else:
+            self._call("backward", {"activations_grad": activations_grad}, {"step": global_step}, lossy=True)
 
     def top_step(self, server_out: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Loss]:
         out, meta = self._call("top_step", server_out, reply="top", lossy=True)
@@ -306,7 +314,11 @@ class RemoteClient:
         return self._call("adapter_state", reply="adapter")[0]
 
     def peek_adapter_state(self):
-        return self._call("adapter_state", reply="adapter", count=False)[0]
+        return self._call("peek_adapter_state", reply="adapter", count=False)[0]
+
+    def set_frozen(self, keys) -> None:
+        self._call("set_frozen", meta={"keys": sorted(keys)})
+        self.frozen = set(keys)
 
     def load_adapter_state(self, state) -> None:
         self._call("load_adapter_state", state)
@@ -316,6 +328,7 @@ class RemoteClient:
 
     def load_state_dict(self, state: dict) -> None:
         self.compute_s = float(state.get("compute_s", self.compute_s))   # the client's count restarts from it
+        self.frozen = set(state.get("frozen", ()))
         tensors: dict[str, torch.Tensor] = {}
         self._call("load_state_dict", tensors, {"state": split_tensors(state, tensors),
                                                 "server_step": self.hub.start_step})
@@ -535,7 +548,10 @@ def _answer(client, kind: str, tensors: dict, meta: dict, initial: dict | None):
     for name, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             return "error", {}, {"error": f"{kind}: {name} holds NaN or infinite values"}, "fp32"
-    if kind == "backward":
+    if kind == "backward" and meta.get("no_grad") is True and not tensors:
+        if getattr(client, "_activations", None) is None or getattr(client.part, "top", None) is None:
+            return "error", {}, {"error": "backward: no gradient, but no pending U-shaped batch"}, "fp32"
+    elif kind == "backward":
         pending = getattr(client, "_activations", None)
         grad = tensors.get("activations_grad")
         if pending is None or grad is None or grad.shape != pending.shape:
@@ -552,13 +568,23 @@ def _answer(client, kind: str, tensors: dict, meta: dict, initial: dict | None):
         msg, n = client.forward()
         return "smashed", msg, {"n": n, "compute_s": client.compute_s}, "lossy"
     if kind == "backward":
-        client.backward(tensors["activations_grad"], int(meta["step"]))
+        client.backward(tensors.get("activations_grad"), int(meta["step"]))
     elif kind == "local_step":
         loss, n = client.local_step(int(meta["step"]))
         return "loss", {}, {"loss": loss.smoothed, "ce": loss.ce, "n": n, "shape": list(client.last_shape),
                             "compute_s": client.compute_s}, "fp32"
     elif kind == "adapter_state":
         return "adapter", client.adapter_state(), done, "fp32"
+    elif kind == "peek_adapter_state":   # frozen tensors too: the server evaluates the whole adapter
+        return "adapter", client.part.adapter_state(), done, "fp32"
+    elif kind == "set_frozen":
+        keys = meta.get("keys")
+        if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+            return "error", {}, {"error": "set_frozen: keys must be a list of adapter tensor names"}, "fp32"
+        try:
+            client.set_frozen(set(keys))
+        except KeyError as e:
+            return "error", {}, {"error": str(e)}, "fp32"
     elif kind == "load_adapter_state":
         client.load_adapter_state(tensors)
     elif kind == "state_dict":   # the noise generator's state stays with the client (it would undo the noise)

@@ -286,9 +286,11 @@ class Client:
 
     def state_dict(self) -> dict:
         return {"learner": self.learner.state_dict(), "stream": self.stream.state_dict(),
-                "compute_s": self.compute_s, "noise": self.noise.get_state(), "rng": self.rng.state}
+                "compute_s": self.compute_s, "noise": self.noise.get_state(), "rng": self.rng.state,
+                "frozen": sorted(self.frozen)}
 
     def load_state_dict(self, state: dict) -> None:
+        self.set_frozen(set(state.get("frozen", ())))
         self.learner.load_state_dict(state["learner"])
         self.stream.load_state_dict(state["stream"])
         self.compute_s = state["compute_s"]

@@ -310,6 +310,7 @@ class SplitLoRA(FedLoRA):
         client_part, server_part = (split_u(setup.template, setup.split_layer, setup.top_layers) if setup.top_layers
                                     else split_model(setup.template, setup.split_layer))
         self.clients = setup.clients(client_part)
+        self.client_part = client_part   # what every client holds (its structure; the clients own the values)
         self._start_from(client_part)
         copies = 1 if setup.server_mode == "shared" else len(self.clients)
         self.server = MainServer([server_part.replicate() for _ in range(copies)], setup.optim, setup.server_runtime,
@@ -433,17 +434,15 @@ class DLoRA(SplitLoRA):
     name = "dlora"
 
     def __init__(self, setup: Setup, warmup_steps: int = 20, threshold: float = 0.05, revive_interval: int = 100):
-        if setup.remote is not None:
-            raise ValueError("strategy.name: dlora runs in the simulator only (deployable: splitlora, sl, fedlora)")
         super().__init__(setup)
         self.warmup_steps, self.threshold, self.revive_interval = warmup_steps, threshold, revive_interval
-        keys = list(self.clients[0].client.part.adapter)
+        keys = list(self.client_part.adapter)
         self.modules: dict[str, list[str]] = {}
         for k in keys:
             self.modules.setdefault(k.rsplit(".lora_", 1)[0], []).append(k)
         self._where = {m: (int(k.group(1)), k.group(2)) for m, keys in self.modules.items()
                        for k in [_MODULE_KEY.search(keys[0])]}
-        part = self.clients[0].client.part
+        part = self.client_part
         self.bottom = {k.rsplit(".lora_", 1)[0] for k in getattr(part, "bottom", part).adapter}   # U: not the top
         self.killed: set[str] = set()
         self.previous: dict[str, torch.Tensor] | None = None   # global client adapter at the last aggregation
@@ -457,13 +456,18 @@ class DLoRA(SplitLoRA):
         return frozenset(self._where[m] for m in self.killed)
 
     def _apply(self) -> None:
+        """Every connected client whose frozen set is not the killed modules' is told (a client that was
+        away, or restarted from an older state, is told when it is back: each step checks)."""
+        keys = self.frozen_keys()
         for c in self.clients:
-            c.client.set_frozen(self.frozen_keys())
+            if getattr(c, "connected", True) and c.frozen != keys:
+                self.guarded(self.t, c, lambda c: c.set_frozen(keys))
 
     def bottom_trains(self) -> bool:
         return not self.bottom <= self.killed
 
     def step(self, t):
+        self._apply()
         result = super().step(t)
         self.work.client_frozen = self.frozen_modules()
         if (t + 1) % self.revive_interval == 0 and self.killed:

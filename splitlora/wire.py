@@ -132,6 +132,7 @@ class LinkedClient:
     compute_s = property(lambda self: self.client.compute_s)
 
     last_shape = property(lambda self: self.client.last_shape)
+    frozen = property(lambda self: set(self.client.frozen))
 
     def forward(self) -> tuple[dict[str, torch.Tensor], int]:
         msg, n = self.client.forward()
@@ -157,6 +158,10 @@ class LinkedClient:
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
         self.client.load_adapter_state(self.link.down(state, self.cid, "adapter_down"))
+
+    def set_frozen(self, keys) -> None:
+        """Freeze these adapter tensors on the client (DLoRA's killed modules): a command, no tensors."""
+        self.client.set_frozen(set(keys))
 
     def peek_adapter_state(self) -> dict[str, torch.Tensor]:
         """The whole adapter (frozen tensors too) for evaluation: a measurement, so nothing is counted."""

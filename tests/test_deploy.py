@@ -71,13 +71,19 @@ def wait_all(procs, server_thread, result, timeout=180):
     assert "error" not in result, result.get("error")
 
 
+DLORA = {"strategy.name": "dlora", "strategy.aggregation_interval": 1, "dlora.warmup_steps": 0,
+         "dlora.threshold": 1e9, "dlora.revive_interval": 4, "train.max_steps": 6}
 DEPLOYED = {"shared": {"strategy.server_mode": "shared"}, "per_client": {"strategy.server_mode": "per_client"},
             "fedlora": {"strategy.name": "fedlora"}, "sl": {"strategy.name": "sl"},
             "clipped": {"strategy.aggregation": "clipped"},
             "bf16": {"runtime.dtype": "bf16", "runtime.autocast": "bf16", "model.top_layers": 1},
             "nf4": {"runtime.dtype": "bf16", "model.quantization": "nf4"},
             "dropout": {"lora.dropout": 0.1}, "dropout_fedlora": {"lora.dropout": 0.1, "strategy.name": "fedlora"},
-            "dropout_ushape": {"lora.dropout": 0.1, "model.top_layers": 1, "strategy.server_mode": "per_client"}}
+            "dropout_ushape": {"lora.dropout": 0.1, "model.top_layers": 1, "strategy.server_mode": "per_client"},
+            # DLoRA: every module killed at step 2 (the clients compute no backward), revived at 4, killed at 5
+            "dlora": {**DLORA, "lora.dropout": 0.1},
+            # U-shaped, everything killed: the client gets no gradient but still steps (its top)
+            "dlora_ushape": {**DLORA, "model.top_layers": 1, "model.split_layer": 1, "strategy.server_mode": "per_client"}}
 
 
 @pytest.mark.parametrize("label", list(DEPLOYED))
@@ -90,6 +96,10 @@ def test_deployed_run_equals_simulator(label, make_config, certs, tmp_path):
     assert [r["train_loss"] for r in dep] == [r["train_loss"] for r in sim]
     assert [r["val_loss"] for r in dep] == [r["val_loss"] for r in sim]
     assert_states_equal(exported_adapter(tmp_path / "dep"), exported_adapter(tmp_path / "sim"))
+    if cfg.strategy.name == "dlora":   # the same modules killed and revived at the same steps
+        assert [r["killed_client_adapters"] for r in dep] == [r["killed_client_adapters"] for r in sim]
+        assert [r["alive_client_adapters"] for r in dep] == [r["alive_client_adapters"] for r in sim]
+        assert [bool(r["killed_client_adapters"]) for r in dep] == [False, False, True, True, False, True, True]
     wire = result["summary"]["wire"]
     assert set(wire["per_client"]) == {"0", "1"} and all(v["bytes_up"] > 0 for v in wire["per_client"].values())
     assert dep[-1]["dropouts"] == 0 and dep[-1]["live_clients"] == 2 and dep[-1]["refused_updates"] == 0
@@ -227,3 +237,12 @@ def test_server_killed_and_resumed_completes_without_applying_a_round_twice(make
     sim = read_metrics(tmp_path / "sim")
     assert [r["train_loss"] for r in records] == [r["train_loss"] for r in sim]
     assert_states_equal(exported_adapter(out), exported_adapter(tmp_path / "sim"))
+
+
+@pytest.mark.parametrize("name", ["hsplitlora", "hetlora", "cenlora"])
+def test_what_cannot_be_deployed_is_refused_before_listening(name, make_config):
+    from splitlora.config import ConfigError
+    from splitlora.deploy import _check
+
+    with pytest.raises(ConfigError, match=f"{name} cannot be deployed"):
+        _check(make_config({"strategy.name": name}), "127.0.0.1:1", insecure=True)

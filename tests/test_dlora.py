@@ -8,7 +8,6 @@ import pytest
 import torch
 from conftest import read_metrics, run_training
 
-from splitlora.config import ConfigError
 from splitlora.train import build_run
 
 DLORA = {"strategy.name": "dlora", "strategy.aggregation_interval": 1, "dlora.warmup_steps": 0}
@@ -112,10 +111,3 @@ def test_ushaped_dead_bottom_gets_no_gradient_while_the_top_trains(make_config):
         spent = run.cost.client_flops
         run.cost.step_seconds(work)
         assert 0 < run.cost.client_flops - spent < flops_live
-
-
-def test_dlora_is_not_deployable(make_config):
-    from splitlora.deploy import _check
-
-    with pytest.raises(ConfigError, match="dlora cannot be deployed"):
-        _check(make_config({"strategy.name": "dlora"}), "127.0.0.1:1", insecure=True)
