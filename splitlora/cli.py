@@ -104,13 +104,15 @@ def _parser() -> argparse.ArgumentParser:
     at.add_argument("--victims", type=int, default=32, help="held-out examples to attack")
     at.add_argument("--public", type=int, default=400, help="public examples (E2E test set) the attacker uses")
     b = sub.add_parser("bench", help="benchmarks writing JSON")
-    b.add_argument("which", choices=["overhead", "deploy", "hetero", "noise", "precision", "memory"])
+    b.add_argument("which", choices=["overhead", "deploy", "hetero", "noise", "precision", "memory", "scale"])
     b.add_argument("--output", required=True, help="JSON file to write")
-    b.add_argument("--model", default="smollm2-135m-instruct")
+    b.add_argument("--model", help="overhead, deploy: default smollm2-135m-instruct; scale: default tiny-llama")
     b.add_argument("--steps", type=int,
-                   help="overhead: timed steps (default 30); deploy: training steps, the first untimed (default 6)")
+                   help="overhead: timed steps (default 30); deploy, scale: training steps, the first untimed "
+                        "(default 6)")
     b.add_argument("--split-layer", type=int, help="overhead, deploy: default 3; memory: default 2")
-    b.add_argument("--workdir", help="deploy, hetero: keep the runs and logs here (default: a temporary directory); "
+    b.add_argument("--clients", default="1,2,4,8,16", help="scale: numbers of client processes")
+    b.add_argument("--workdir", help="deploy, hetero, scale: keep the runs and logs here (default: a temporary directory); "
                    "noise: its runs (default runs/bench-noise)")
     b.add_argument("--repeats", type=int, default=1, help="deploy: (in-process, deployed) pairs per precision")
     b.add_argument("--reuse", action="store_true", help="hetero, noise: read runs already finished in --workdir")
@@ -246,12 +248,15 @@ def _attack(args) -> None:
     print(json.dumps(result["results"], indent=2))
 
 
+SMOLLM2 = "smollm2-135m-instruct"
+
+
 def _bench(args) -> None:
     from . import bench
 
     if args.which == "overhead":
-        result = bench.overhead(args.model, steps=args.steps or 30, split_layer=args.split_layer or 3, sets=args.set,
-                                peak_tflops=args.peak_tflops)
+        result = bench.overhead(args.model or SMOLLM2, steps=args.steps or 30, split_layer=args.split_layer or 3,
+                                sets=args.set, peak_tflops=args.peak_tflops)
     elif args.which == "noise":
         floats = lambda text: [float(x) for x in text.split(",") if x.strip()]  # noqa: E731
         result = bench.noise(args.config, args.workdir or "runs/bench-noise", floats(args.noise), args.clip_norm,
@@ -264,12 +269,16 @@ def _bench(args) -> None:
         split = lambda text: tuple(x.strip() for x in text.split(",") if x.strip())  # noqa: E731
         result = bench.memory(split(args.shapes), split(args.sides), split(args.variants), args.split_layer or 2,
                               sets=args.set, log=lambda m: print(m, file=sys.stderr))
+    elif args.which == "scale":
+        counts = tuple(int(x) for x in args.clients.split(",") if x.strip())
+        result = bench.scale(counts, model=args.model or "tiny-llama", steps=args.steps or 6, workdir=args.workdir,
+                             sets=args.set, log=lambda m: print(m, file=sys.stderr))
     elif args.which == "hetero":
         result = bench.hetero(steps=args.steps, workdir=args.workdir, reuse=args.reuse, sets=args.set,
                               log=lambda m: print(m, file=sys.stderr))
     else:
         precisions = tuple(p.strip() for p in args.precisions.split(",") if p.strip())
-        result = bench.deploy(args.model, steps=args.steps or 6, split_layer=args.split_layer or 3,
+        result = bench.deploy(args.model or SMOLLM2, steps=args.steps or 6, split_layer=args.split_layer or 3,
                               precisions=precisions, repeats=args.repeats, quiet_wait_s=args.quiet_wait,
                               workdir=args.workdir, sets=args.set, log=lambda m: print(m, file=sys.stderr))
     with open(args.output, "w") as f:

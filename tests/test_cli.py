@@ -295,6 +295,17 @@ def test_bench_precision(tmp_path, e2e_file):
     assert all(abs(v) < 0.05 for v in result["val_loss_relative_to_fp32"].values())
 
 
+def test_bench_scale(tmp_path, e2e_file):
+    out = tmp_path / "scale.json"
+    assert main(["bench", "scale", "--output", str(out), "--clients", "1,2", "--steps", "3",
+                 "--workdir", str(tmp_path / "work"), *sets(f"data.train_file={e2e_file}", "data.val_max_samples=4")]) == 0
+    result = json.loads(out.read_text())
+    assert result["all_completed"] and set(result["runs"]) == {"1", "2"}
+    two = result["runs"]["2"]
+    assert two["step_s"] > 0 and set(two["message_bytes_per_client_run"]) == {"0", "1"}
+    assert all(b > 0 for b in two["message_bytes_per_client_run"].values()) and two["bytes_per_client_and_step"] > 0
+
+
 def test_bench_memory(tmp_path):
     out = tmp_path / "memory.json"
     assert main(["bench", "memory", "--output", str(out), "--shapes", "tiny", "--variants", "bf16,nf4",

@@ -4,7 +4,6 @@ with the bottom dead, the top still trains); a revived adapter trains again."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 from conftest import read_metrics, run_training
 

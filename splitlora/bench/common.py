@@ -128,3 +128,35 @@ def peak_rss_bytes() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def spawn(root, args: list[str], log_name: str, sets=()):
+    """A CLI process (`splitlora ARGS --set ...`) logging to root/log_name; it writes its own peak RSS
+    (VmHWM) to `proc.peak_file` at exit (wait4's would count the fork of this process)."""
+    import subprocess
+
+    if args[0] == "train":
+        args = [*args, "--overwrite"]   # the bench's own run directories
+    peak = root / f"{log_name}.peak"
+    peak.unlink(missing_ok=True)
+    with open(root / log_name, "w") as f:
+        proc = subprocess.Popen(cli() + args + [a for item in sets for a in ("--set", item)], stdout=f,
+                                stderr=subprocess.STDOUT, env={**os.environ, "SPLITLORA_PEAK_RSS_FILE": str(peak)})
+    proc.peak_file = peak
+    return proc
+
+
+def server_port(server, log_path, timeout_s: float = 600) -> int:
+    """The port a `splitlora serve --address HOST:0` process announced in its log."""
+    import re
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        m = re.search(r"serving on port (\d+)", log_path.read_text())
+        if m:
+            return int(m.group(1))
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise RuntimeError(f"bench: the server did not start (see {log_path})")
+        time.sleep(0.1)
+

@@ -6,12 +6,11 @@ import os
 import platform
 import shutil
 import statistics
-import time
 
 import torch
 
-from .common import cli as _cli, cpu_mark as _cpu_mark, metrics as _metrics, run_processes as _run_processes
-from .common import wait_quiet as _wait_quiet
+from .common import cpu_mark as _cpu_mark, metrics as _metrics, run_processes as _run_processes
+from .common import server_port as _server_port, spawn as _spawn, wait_quiet as _wait_quiet
 
 DEPLOY_DOC = """SplitLoRA with 2 clients, deployed on loopback (`splitlora serve` and one `splitlora client`
 process per client, mutual TLS) against the same run in one process (`splitlora train`), LoRA dropout
@@ -144,8 +143,6 @@ def deploy(model_name: str = "smollm2-135m-instruct", steps: int = 6, split_laye
     """Deployed run vs in-process run (see DEPLOY_DOC); the runs and their logs stay in `workdir`.
     `sets` (`key=value`) are passed to every process as `--set` (e.g. a data file for a smoke run)."""
     import json
-    import re
-    import subprocess
     import tempfile
     from pathlib import Path
 
@@ -168,18 +165,8 @@ def deploy(model_name: str = "smollm2-135m-instruct", steps: int = 6, split_laye
         path.write_text(yaml.safe_dump(tree, sort_keys=False))
         return path
 
-    set_args = [a for item in sets for a in ("--set", item)]
-
     def spawn(args: list[str], log_name: str):
-        if args[0] == "train":
-            args = [*args, "--overwrite"]   # the bench's own run directories
-        peak = root / f"{log_name}.peak"   # the process's own peak RSS (wait4's counts the fork of this one)
-        peak.unlink(missing_ok=True)
-        with open(root / log_name, "w") as f:
-            proc = subprocess.Popen(_cli() + args + set_args, stdout=f, stderr=subprocess.STDOUT,
-                                    env={**os.environ, "SPLITLORA_PEAK_RSS_FILE": str(peak)})
-        proc.peak_file = peak
-        return proc
+        return _spawn(root, args, log_name, sets)
 
     def in_process(cfg_path: Path, out: Path, name: str) -> dict:
         log(f"bench deploy: {name} (in process)")
@@ -193,16 +180,7 @@ def deploy(model_name: str = "smollm2-135m-instruct", steps: int = 6, split_laye
         mark = _cpu_mark()
         server = spawn(["serve", "--config", str(cfg_path), "--address", "127.0.0.1:0", "--certs", str(certs),
                         "--output", str(out), "--no-progress"], f"{name}-server.log")
-        port, deadline = None, time.monotonic() + 600
-        while port is None:
-            m = re.search(r"serving on port (\d+)", (root / f"{name}-server.log").read_text())
-            if m:
-                port = int(m.group(1))
-            elif server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                raise RuntimeError(f"bench deploy: the server did not start (see {root / name}-server.log)")
-            else:
-                time.sleep(0.1)
+        port = _server_port(server, root / f"{name}-server.log")
         relay = ByteRelay(port)
         procs = {"server": server}
         for cid in range(num_clients):
