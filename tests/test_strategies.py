@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from splitlora.models import tiny_model
 from splitlora.roles import fedavg
+from splitlora.runtime import RandomStream
 from splitlora.train import build_run
 
 from conftest import assert_states_close, assert_states_equal, exported_adapter, read_metrics, run_training, \
@@ -87,12 +89,14 @@ def test_run_with_aggregation_every_step_keeps_clients_identical(strategy, make_
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_splitlora_one_client_equals_cenlora(family, make_config, tmp_path):
+def test_splitlora_one_client_equals_cenlora(family, make_config, tmp_path, monkeypatch):
     # max_grad_norm 0: clipping is per role in split learning (the client clips the norm of the client-side
     # LoRA gradients, the server that of the server-side ones), which is not the global-norm clipping of
     # centralized training, so the two only agree when clipping is off.
     # lora dropout 0: keeps the comparison about the split itself, independent of how many random numbers
-    # each code path draws (GPT-2's own dropout still runs, in the same order in both).
+    # each code path draws (GPT-2's own dropout still runs, in the same order in both, when every role draws
+    # from the process's one stream: here the roles' own streams are switched off).
+    monkeypatch.setattr(RandomStream, "active", lambda self: contextlib.nullcontext())
     common = {"model.name": f"tiny-{family}", "lora.dropout": 0.0, "train.max_grad_norm": 0,
               "strategy.num_clients": 1, "strategy.server_mode": "shared", "train.max_steps": 4,
               "train.weight_decay": 0.01, "train.warmup_steps": 1}
