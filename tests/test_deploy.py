@@ -193,13 +193,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_server_killed_and_resumed_completes_without_applying_a_round_twice(make_config, certs, tmp_path):
+# dlora with LoRA dropout: the clients, ahead of the checkpoint, are put back to it, frozen modules and
+# dropout streams included (every module dies at step 4, revives at 5, dies at 6, ...)
+KILLED = {"splitlora": {}, "dlora_dropout": {"strategy.name": "dlora", "dlora.warmup_steps": 0, "dlora.threshold": 1e9,
+                                             "dlora.revive_interval": 5, "lora.dropout": 0.1}}
+
+
+@pytest.mark.parametrize("label", list(KILLED))
+def test_server_killed_and_resumed_completes_without_applying_a_round_twice(label, make_config, certs, tmp_path):
     """The server dies after a checkpoint; `serve --resume` continues from it, the clients reconnect by
     themselves, and the run ends exactly where an uninterrupted run ends."""
     import signal
     import time
 
-    cfg = make_config({**BASE, "train.max_steps": 12, "deploy.retries": 12})
+    cfg = make_config({**BASE, "train.max_steps": 12, "deploy.retries": 12, **KILLED[label]})
     run_training(cfg, tmp_path / "sim")
     config = tmp_path / "serve.yaml"
     config.write_text(yaml.safe_dump(cfg.to_dict()))
@@ -237,6 +244,9 @@ def test_server_killed_and_resumed_completes_without_applying_a_round_twice(make
     sim = read_metrics(tmp_path / "sim")
     assert [r["train_loss"] for r in records] == [r["train_loss"] for r in sim]
     assert_states_equal(exported_adapter(out), exported_adapter(tmp_path / "sim"))
+    if label == "dlora_dropout":
+        assert [r["alive_client_adapters"] for r in records] == [r["alive_client_adapters"] for r in sim]
+        assert any(r["alive_client_adapters"] == 0 for r in records[killed_at:])
 
 
 @pytest.mark.parametrize("name", ["hsplitlora", "hetlora", "cenlora"])
