@@ -21,12 +21,16 @@ from .errors import ConfigError
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
 def resolve_device(name: str, field: str = "runtime.device") -> torch.device:
     """`auto`: CUDA if available, else MPS, else the CPU; otherwise the named device, which must exist."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
     try:
@@ -38,7 +42,7 @@ def resolve_device(name: str, field: str = "runtime.device") -> torch.device:
             raise ConfigError(f"{field}: {name} asked for, but this machine has no CUDA device")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ConfigError(f"{field}: {name} asked for, but this machine has {torch.cuda.device_count()} GPUs")
-    elif device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    elif device.type == "mps" and not _mps_available():
         raise ConfigError(f"{field}: mps asked for, but it is not available here")
     elif device.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"{field}: {name!r} is not a device splitlora runs on (cpu, cuda, mps)")
