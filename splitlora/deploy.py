@@ -17,9 +17,6 @@ from .certs import client_credentials, is_loopback, server_credentials, tls_refu
 from .config import Config, ConfigError
 from .remote import METHOD, SERVICE, Hub, serve_client
 
-DEPLOYED = ("splitlora", "sl", "fedlora", "dlora")
-
-
 def _host(address: str) -> str:
     host = address.rsplit(":", 1)[0]
     return host.strip("[]")
@@ -33,8 +30,11 @@ def _port(address: str) -> int:
 
 
 def _check(cfg: Config, address: str, insecure: bool) -> None:
-    if cfg.strategy.name not in DEPLOYED:
-        raise ConfigError(f"strategy.name: {cfg.strategy.name} cannot be deployed (deployable: {', '.join(DEPLOYED)})")
+    from .hsplit import STRATEGIES
+
+    if not STRATEGIES[cfg.strategy.name].deployable:
+        deployable = ", ".join(n for n, c in STRATEGIES.items() if c.deployable)
+        raise ConfigError(f"strategy.name: {cfg.strategy.name} cannot be deployed (deployable: {deployable})")
     if ":" not in address:
         raise ConfigError(f"address {address!r}: expected HOST:PORT")
     _port(address)
@@ -161,9 +161,12 @@ def client(cfg: Config, client_id: int, server_address: str, certs: str | None, 
             on_step.last = step
             log(f"client {client_id}: step {step}/{cfg.train.max_steps}")
 
+    from .hsplit import STRATEGIES
+
     shapes = {k: tuple(p.shape) for k, p in role.part.adapter.items()}
     max_bytes, max_header = message_limits(role.part.config.hidden_size, cfg.train.batch_size, cfg.data.max_length,
-                                           shapes)
+                                           shapes, STRATEGIES[cfg.strategy.name].message_numel(role.part,
+                                                                                                cfg.strategy.num_clients))
     if cfg.deploy.max_message_mb is not None:
         max_bytes = cfg.deploy.max_message_mb << 20
     options = _options(max_bytes)

@@ -37,40 +37,61 @@ from safetensors.torch import save_file
 from . import hetero
 from .checkpoint import atomic_directory
 from .cost import Profile, Shapes, part_flops, part_memory_bytes
-from .split import ModelPart, UPart, family_of, make_part
-from .roles import Client, MainServer
-from .strategies import _MODULE_KEY, STRATEGIES, SplitLoRA
+from .errors import RunError
+from .roles import MainServer
+from .split import base_weight, full_part, lora_layers, lora_targets, make_part
+from .strategies import STRATEGIES, SplitLoRA
 
 
-def _modules(part: ModelPart) -> dict[tuple[int, str], tuple[torch.nn.Parameter, torch.nn.Parameter, str]]:
-    """(block, layer name) -> (A, B, PEFT key prefix) of a part's LoRA modules."""
-    out = {}
-    for key, p in part.adapter.items():
-        m = _MODULE_KEY.search(key)
-        mod = (int(m.group(1)), m.group(2))
-        a, b, prefix = out.get(mod, (None, None, key.rsplit(".lora_", 1)[0]))
-        out[mod] = (p, b, prefix) if ".lora_A." in key else (a, p, prefix)
-    return out
+def _factors(layer) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
+    return layer.lora_A["default"].weight, layer.lora_B["default"].weight
 
 
-def _view(part: ModelPart, start: int) -> ModelPart:
-    """Blocks [start, part.stop) of a server part, sharing its modules and LoRA parameters."""
-    blocks = [None] * part.start + list(part.blocks)
-    view = ModelPart(part.family, part.config, {**dict(part.mods), "blocks": blocks}, start, part.stop, {})
-    view.adapter = {k: p for k, p in part.adapter.items() if int(_MODULE_KEY.search(k).group(1)) >= start}
-    return view
+def _cut(a: torch.Tensor, b: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return a[:r], b[:, :r]
 
 
 class HSplitLoRA(SplitLoRA):
+    """Clients at splits and ranks of their own, reached only through the client contract: `set_layout`
+    (a part at a split, its ranks, its starting adapter and the current base weights), `adapter_state`
+    (cut to its ranks) and `fold` (the round's stacked factors, new ranks, new rows of A)."""
+
     name = "hsplitlora"
+    section = "hsplit"
+    client_layouts = True
+
+    @classmethod
+    def options(cls, cfg) -> dict:
+        from .train import cost_profiles
+
+        if cfg.strategy.aggregation != "fedavg":
+            raise ValueError(f"strategy.aggregation: {cls.name} combines adapters of different ranks its own way; "
+                             "the robust options are for fedlora, sl, splitlora and dlora")
+        if cfg.train.eval_interval % cfg.strategy.aggregation_interval:
+            raise ValueError(f"train.eval_interval: {cls.name} evaluates right after aggregations; make it a "
+                             "multiple of strategy.aggregation_interval")
+        return {**super().options(cfg), "profiles": cost_profiles(cfg)[0], "batch_size": cfg.train.batch_size,
+                "max_length": cfg.data.max_length}
+
+    @classmethod
+    def client_depth(cls, cfg, layers=None):
+        """A client may be moved as deep as hsplit.max_split_layer (the server keeps a block at least)."""
+        deepest = cfg.hsplit.max_split_layer
+        return deepest if layers is None else max(1, min(deepest, layers - cfg.model.top_layers - 1))
+
+    @classmethod
+    def message_numel(cls, part, num_clients):
+        """set_layout (the base weights of its LoRA modules and its adapter) or fold (stacked factors of
+        up to every client's copy and the server's)."""
+        adapter = sum(p.numel() for p in part.adapter.values())
+        base = sum(base_weight(m).numel() for m in lora_layers(part).values())
+        return max(base + adapter, (num_clients + 1) * adapter)
 
     def __init__(self, setup, profiles: list[Profile], batch_size: int, max_length: int, rank: int = 4,
                  client_step_s: float = 1.0, min_split_layer: int = 1,
                  max_split_layer: int = 6, realloc_threshold: float = 0.1, importance_beta: float = 0.85,
                  export_tolerance: float = 1e-4):
-        if setup.remote is not None:
-            raise ValueError(f"strategy.name: {self.name} runs in the simulator only")
-        super().__init__(setup)   # a uniform split at model.split_layer; replaced below
+        super().__init__(setup)   # every client at model.split_layer until it is given its layout
         self.shapes = Shapes.from_model(setup.template)
         self.layers = len(self.shapes.blocks)
         self.top = self.layers - setup.top_layers   # U-shape: blocks [top, L) and the head stay on every client
@@ -82,13 +103,18 @@ class HSplitLoRA(SplitLoRA):
         self.tracker = hetero.ImportanceTracker(importance_beta)
         self.reference: dict[str, float] = {}
         self.scaling = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+        self.prefix = lora_targets(setup.template)        # (block, name) -> PEFT key prefix
         self.base = self._base_weights()
         self.total = {mod: torch.zeros(out, inp) for mod, (inp, out) in self._module_shapes().items()}
+        self.initial = full_part(setup.template).adapter_state()   # what a module starts from (B = 0)
         self.reallocations: list[dict] = []
         self._init_gen = torch.Generator().manual_seed(setup.seed * 7919 + 1)
+        self.folded = False   # whether any update is in the base yet (else clients keep their own base)
+        self.held: dict[int, tuple | None] = {i: None for i in range(setup.num_clients)}   # (split, incarnation)
         self.splits = [self._split_for(p) for p in self.profiles]
         self.ranks = [self._ranks_for(i, {}) for i in range(setup.num_clients)]
-        self._build()
+        self._build_server()
+        self._sync()
 
     # -- budgets --------------------------------------------------------------------------------------
     def _module_shapes(self) -> dict[tuple[int, str], tuple[int, int]]:
@@ -133,74 +159,83 @@ class HSplitLoRA(SplitLoRA):
 
     # -- parts ----------------------------------------------------------------------------------------
     def _base_weights(self) -> dict[tuple[int, str], torch.Tensor]:
-        """The frozen base weight of every LoRA target, as [out, in] views (GPT-2's Conv1D stores [in, out]),
-        shared by every part built from the template."""
-        hf = self.s.template.get_base_model()
-        blocks = family_of(hf.config).modules(hf)["blocks"]
-        out = {}
-        for mod in self._module_shapes():
-            w = blocks[mod[0]].get_submodule(mod[1]).base_layer.weight
-            out[mod] = w.T if self.shapes.family == "gpt2" else w
+        """The frozen base weight of every LoRA target, as [out, in] views, shared by the server's parts
+        (the clients hold copies of their own, kept equal by the folds they are sent)."""
+        layers = lora_layers(full_part(self.s.template))
+        out = {mod: base_weight(layers[prefix]) for mod, prefix in self.prefix.items()}
+        if any(not w.is_floating_point() for w in out.values()):
+            raise ValueError(f"model.quantization: {self.name} folds updates into the base weights; a quantized "
+                             "base cannot take them (use model.quantization: none)")
         return out
 
-    def _build(self) -> None:
-        """Client parts at their splits, one server part from the shallowest split, fresh LoRA at each
-        copy's rank, and the masks that keep every copy at its rank. Data streams and compute counters
-        carry over (the parts are rebuilt when a split changes)."""
-        for i, c in enumerate(self.clients):
-            part = make_part(self.s.template, 0, self.splits[i])
-            if self.top < self.layers:
-                part = UPart(part, make_part(self.s.template, self.top, self.layers))
-            part = part.replicate()
-            old, c.client = c.client, Client(i, part, c.client.stream, self.s.optim, self.s.privacy, self.s.seed,
-                                             self.s.server_runtime)
-            c.client.compute_s, c.client.noise = old.compute_s, old.noise
+    def _build_server(self) -> None:
+        """One server part from the shallowest split, fresh LoRA (B = 0), and the view each client runs."""
         server = make_part(self.s.template, min(self.splits), self.top).replicate()
         compute_s = self.server.compute_s
         self.server = MainServer([server], self.s.optim, self.s.server_runtime, self.s.seed)
         self.server.compute_s = compute_s
-        self.server.views = {i: _view(server, k) for i, k in enumerate(self.splits)}
-        self._reset()
+        self.server.views = {i: server.view(k) for i, k in enumerate(self.splits)}
 
-    def _copies(self):
-        """(owner, part, {module: rank}) of every LoRA copy: each client's, then the server's (owner -1)."""
-        for i, c in enumerate(self.clients):
-            yield i, c.client.part, self.ranks[i]
-        server = self.server.learners[0].part
-        yield -1, server, {mod: self.max_rank for mod in _modules(server)}
+    def _client_mods(self, cid: int) -> list[tuple[int, str]]:
+        return [mod for mod in self.total if self._client_side(cid, mod[0])]
+
+    def _start_adapter(self, cid: int) -> dict[str, torch.Tensor]:
+        """What client cid's modules start from when it is given its layout (cut to its ranks)."""
+        out = {}
+        for mod in self._client_mods(cid):
+            p = self.prefix[mod]
+            a, b = _cut(self.initial[f"{p}.lora_A.weight"], self.initial[f"{p}.lora_B.weight"], self.ranks[cid][mod])
+            out[f"{p}.lora_A.weight"], out[f"{p}.lora_B.weight"] = a, b
+        return out
+
+    def _set_layout(self, c) -> bool:
+        """Give client c its part, ranks, starting adapter and (once anything is folded) the current base
+        weights of its modules: at the start, after its split changed, and whenever it missed a fold."""
+        cid, mods = c.cid, self._client_mods(c.cid)
+        ranks = {self.prefix[m]: self.ranks[cid][m] for m in mods}
+        base = {self.prefix[m]: self.base[m].detach() for m in mods} if self.folded else {}
+        adapter = self._start_adapter(cid)
+        ok, _ = self.guarded(self.t, c, lambda c: c.set_layout(self.splits[cid], ranks, adapter, base))
+        self.held[cid] = (self.splits[cid], getattr(c, "incarnation", 0)) if ok else None
+        return ok
+
+    def _in_sync(self, c, split: int) -> bool:
+        return self.held[c.cid] == (split, getattr(c, "incarnation", 0))
+
+    def _sync(self) -> None:
+        """Every connected client that does not hold its layout (never given, missed a fold, or a new
+        process since) gets it whole."""
+        for c in self.clients:
+            if getattr(c, "connected", True) and not self._in_sync(c, self.splits[c.cid]):
+                self._set_layout(c)
+
+    def _server_layers(self) -> dict[str, torch.nn.Module]:
+        return lora_layers(self.server.learners[0].part)
 
     @torch.no_grad()
-    def _reset(self) -> None:
-        """After a fold every copy's update restarts at zero: B = 0 (and its optimizer moments), while A
-        keeps what it learned (ΔW = s·B·A is 0 either way). Rows of A a copy newly holds (its rank grew, or
-        a new part) get LoRA's init; rows beyond its rank are zeroed."""
-        learners = [c.client.learner for c in self.clients] + self.server.learners
-        for _, part, ranks in self._copies():
-            for mod, (a, b, _) in _modules(part).items():
-                r = ranks[mod]
-                live = int((a.abs().sum(dim=1) > 0).sum())   # rows trained so far (a prefix)
-                if r > live:
-                    bound = 1 / math.sqrt(a.shape[1])   # kaiming_uniform(a=sqrt(5)), PEFT's default for A
-                    a[live:r] = (torch.rand(r - live, a.shape[1], generator=self._init_gen) * 2 - 1) * bound
-                a[r:] = 0
-                b.zero_()
-                for learner in learners:
-                    learner.optimizer.state.pop(b, None)
-                    if r != live:
-                        learner.optimizer.state.pop(a, None)
-        self._mask()
+    def _restart_server(self) -> None:
+        """After a fold the server's copies restart too: B = 0 and its optimizer moments (A keeps what it
+        learned; the server's copies are always at lora.rank)."""
+        learner = self.server.learners[0]
+        for layer in self._server_layers().values():
+            _, b = _factors(layer)
+            b.zero_()
+            learner.optimizer.state.pop(b, None)
 
-    def _mask(self) -> None:
-        """Gradient masks that keep each copy's components beyond its rank at zero."""
-        for _, part, ranks in self._copies():
-            for mod, (a, b, _) in _modules(part).items():
-                r = ranks[mod]
-                for p, keep in ((a, (slice(0, r),)), (b, (slice(None), slice(0, r)))):
-                    mask = torch.zeros_like(p)
-                    mask[keep] = 1
-                    if hasattr(p, "_rank_hook"):
-                        p._rank_hook.remove()
-                    p._rank_hook = p.register_hook(lambda g, m=mask: g * m)
+    def _rows(self, cid: int, old: dict, new: dict) -> dict[str, torch.Tensor]:
+        """LoRA's init (kaiming_uniform(a=sqrt(5)), PEFT's default for A) for the rows of A a grown rank adds."""
+        rows = {}
+        for mod in self._client_mods(cid):
+            r0, r1 = old[mod], new[mod]
+            if r1 > r0:
+                fan_in = self.shapes_of(mod)[0]
+                bound = 1 / math.sqrt(fan_in)
+                rows[self.prefix[mod]] = (torch.rand(r1 - r0, fan_in, generator=self._init_gen) * 2 - 1) * bound
+        return rows
+
+    def shapes_of(self, mod) -> tuple[int, int]:
+        """(in, out) of a LoRA target."""
+        return self._module_shapes()[mod]
 
     def layouts(self) -> dict[int, tuple[int, Shapes]]:
         """cid -> (split layer, shapes with its ranks client-side and max_rank server-side): cost model."""
@@ -214,43 +249,56 @@ class HSplitLoRA(SplitLoRA):
             self._layouts_for = self.ranks
         return self._layouts
 
+    # -- aggregation ----------------------------------------------------------------------------------
     def step(self, t):
+        self.t = t
+        self._sync()
         result = super().step(t)
         self.work.layouts = self.layouts()
         return result
 
-    # -- aggregation ----------------------------------------------------------------------------------
+    def _uploads(self, t: int) -> dict[int, dict[str, torch.Tensor]]:
+        """cid -> the adapter each live client sends (its modules, cut to its ranks)."""
+        ups = {c.cid: s for c in self.live() for ok, s in [self.guarded(t, c, lambda c: c.adapter_state())] if ok}
+        if not ups:
+            raise self._no_client_left(t, "aggregate")
+        return ups
+
+    def _copy(self, cid: int, mod, states: dict, server: dict) -> tuple[object, torch.Tensor, torch.Tensor]:
+        """(which copy, A, B) client cid trained module mod through: its own (from `states`) or the server's."""
+        p = self.prefix[mod]
+        if self._client_side(cid, mod[0]):
+            return cid, states[cid][f"{p}.lora_A.weight"], states[cid][f"{p}.lora_B.weight"]
+        a, b = _factors(server[p])
+        return "server", a.detach(), b.detach()
+
     def aggregate(self, t):
-        live = [c.cid for c in self.live()]
-        p = {cid: self.clients[cid].num_samples for cid in live}
-        client_mods = [_modules(c.client.part) for c in self.clients]
-        server_mods = _modules(self.server.learners[0].part)
-        for cid in live:   # uploads: each client's own modules at its rank
-            self.s.link.up(self._at_rank(cid, client_mods[cid]), cid, "adapter_up")
+        uploads = self._uploads(t)
+        server = self._server_layers()
         deltas = {}
         for mod in self.total:
-            copies = {}   # id(copy) -> (A, B, weight)
-            for cid in live:
-                a, b, _ = client_mods[cid][mod] if mod in client_mods[cid] else server_mods[mod]
-                r = self.ranks[cid][mod] if mod in client_mods[cid] else self.max_rank
-                _, _, w = copies.get(id(a), (None, None, 0.0))
-                copies[id(a)] = (a.detach()[:r], b.detach()[:, :r], w + p[cid])
+            copies = {}   # copy -> (A, B, samples of the clients that trained through it)
+            for cid in uploads:
+                key, a, b = self._copy(cid, mod, uploads, server)
+                w = copies.get(key, (None, None, 0.0))[2]
+                copies[key] = (a, b, w + self.clients[cid].num_samples)
             deltas[mod] = self._combine(mod, list(copies.values()))
+        self.folded = True
+        splits, ranks = list(self.splits), self.ranks
         self._update_importance(deltas)
+        self._restart_server()
         for c in self.clients:   # downloads: the stacked factors of the client's modules
-            if getattr(c, "connected", True):
-                self._send_down(c.cid, deltas, client_mods[c.cid])
+            if not getattr(c, "connected", True):
+                self.held[c.cid] = None
+            elif self.splits[c.cid] == splits[c.cid] and self._in_sync(c, splits[c.cid]):
+                self._send_fold(c, deltas, ranks[c.cid])
+            else:
+                self._set_layout(c)
+            if self.held[c.cid] is not None:
                 self.dropped.discard(c.cid)
         self.rounds += 1
+        self.last_aggregation = t + 1
         return {}
-
-    def _at_rank(self, cid: int, mods) -> dict[str, torch.Tensor]:
-        """A client's adapter message: each of its modules' A and B cut to the client's rank."""
-        out = {}
-        for mod, (a, b, prefix) in mods.items():
-            r = self.ranks[cid][mod]
-            out[f"{prefix}.lora_A.weight"], out[f"{prefix}.lora_B.weight"] = a.detach()[:r], b.detach()[:, :r]
-        return out
 
     def _combine(self, mod, copies):
         """Noise-free: stack, fold ΔW into the shared base, add it to the total; the copies restart."""
@@ -261,13 +309,15 @@ class HSplitLoRA(SplitLoRA):
         self.total[mod] += delta
         return (A, B)
 
-    def _send_down(self, cid, deltas, mods) -> None:
-        down = {}
-        for mod, (_, _, prefix) in mods.items():
-            A, B = deltas[mod]
-            down[f"{prefix}.stacked_A"], down[f"{prefix}.stacked_B"] = A, B
-        if down:
-            self.s.link.down(down, cid, "adapter_down")
+    def _send_fold(self, c, deltas, old_ranks) -> None:
+        cid = c.cid
+        mods = self._client_mods(cid)
+        factors = {self.prefix[m]: deltas[m] for m in mods}
+        ranks = {self.prefix[m]: self.ranks[cid][m] for m in mods}
+        rows = self._rows(cid, old_ranks, self.ranks[cid])
+        ok, _ = self.guarded(self.t, c, lambda c: c.fold(factors, ranks, rows))
+        if not ok:
+            self.held[cid] = None
 
     def _update_importance(self, deltas) -> None:
         """Σ|W ⊙ ΔW| of each module this round (EMA); ranks re-decided when its distribution moved."""
@@ -282,9 +332,8 @@ class HSplitLoRA(SplitLoRA):
             if splits != self.splits:   # every update was just folded into the base: nothing is lost
                 self.splits = event["splits"] = splits
                 self.ranks = [self._ranks_for(i, scores) for i in range(len(self.clients))]
-                self._build()
+                self._build_server()   # the clients whose split moved get their new layout (aggregate)
             self.reallocations.append({**event, "mean_ranks": self.mean_ranks()})
-        self._reset()
 
     # -- reporting and export -------------------------------------------------------------------------
     def mean_ranks(self) -> list[float]:
@@ -306,7 +355,10 @@ class HSplitLoRA(SplitLoRA):
         """The template's own (untrained, B = 0) adapter: after an aggregation every update is in the base."""
         return make_part(self.s.template, 0, self.layers).adapter_state()
 
-    def export_to(self, out_dir) -> dict:
+    def summary(self) -> dict:
+        return {"reallocations": self.reallocations}
+
+    def export_to(self, out_dir, template=None) -> dict:
         """The run's total update as a PEFT adapter of the original base model: per module an SVD of
         ΔW_total, at the smallest rank R (shared by all modules) whose tail is within export_tolerance
         of ||ΔW_total||, lora_alpha = R (scaling 1). Returns the rank and the largest relative error."""
@@ -321,7 +373,7 @@ class HSplitLoRA(SplitLoRA):
 
         rank = max(1, max(needed(sv) for _, sv, _ in svds.values()))
         tensors, errors = {}, []
-        prefixes = {mod: prefix for mod, (_, _, prefix) in _modules(make_part(template, 0, self.layers)).items()}
+        prefixes = self.prefix
         for mod, (u, sv, vh) in svds.items():
             r = min(rank, len(sv))
             root = sv[:r].sqrt()
@@ -341,82 +393,109 @@ class HSplitLoRA(SplitLoRA):
 
     def state_dict(self):
         return {**super().state_dict(), "splits": list(self.splits), "total": {f"{b}.{n}": d for (b, n), d in self.total.items()},
+                "base": {f"{b}.{n}": w.detach().clone() for (b, n), w in self.base.items()} if self.folded else None,
                 "ranks": [{f"{b}.{n}": r for (b, n), r in ranks.items()} for ranks in self.ranks],
                 "tracker": self.tracker.state_dict(), "reference": self.reference,
                 "reallocations": self.reallocations, "init_gen": self._init_gen.get_state()}
 
     def load_state_dict(self, state):
-        if state["splits"] != self.splits:   # parts as they were at the checkpoint, then their state
+        """The splits, ranks and base weights as they were; every client is given its layout again (with
+        those base weights), then gets its state back."""
+        mod = lambda k: (int(k.split(".", 1)[0]), k.split(".", 1)[1])  # noqa: E731
+        self.ranks = [{mod(k): r for k, r in ranks.items()} for ranks in state["ranks"]]
+        if state["splits"] != self.splits:
             self.splits = state["splits"]
-            self.ranks = [{(int(k.split(".", 1)[0]), k.split(".", 1)[1]): r for k, r in ranks.items()}
-                          for ranks in state["ranks"]]
-            self._build()
-        super().load_state_dict(state)
+            self._build_server()
         with torch.no_grad():
             for key, d in state["total"].items():
-                b, n = key.split(".", 1)
-                mod = (int(b), n)
-                self.base[mod].add_(d - self.total[mod])
-                self.total[mod] = d.clone()
-        self.ranks = [{(int(k.split(".", 1)[0]), k.split(".", 1)[1]): r for k, r in ranks.items()}
-                      for ranks in state["ranks"]]
+                self.total[mod(key)] = d.clone()
+            for key, w in (state.get("base") or {}).items():
+                self.base[mod(key)].copy_(w)
+        self.folded = state.get("base") is not None
+        self.held = {cid: None for cid in self.held}
+        self._sync()
+        super().load_state_dict(state)
         self.tracker.load_state_dict(state["tracker"])
         self.reference, self.reallocations = state["reference"], state["reallocations"]
         self._init_gen.set_state(state["init_gen"])
-        self._mask()
 
 
 class HetLoRA(HSplitLoRA):
     """The HetLoRA-style baseline: same clients, ranks and splits; A and B averaged separately over the
-    zero-padded copies (weighted by the samples of the clients that trained through each copy), each
-    copy keeping its first r components. No folding: the base stays the pretrained one."""
+    zero-padded copies (`hetero.hetlora_average`, weighted by the samples of the clients that trained
+    through each copy), each copy keeping its first r components. No folding: the base stays the
+    pretrained one, and ranks and splits stay as first decided."""
 
     name = "hetlora"
 
-    def _padded_average(self, mod, live, client_mods, server_mods):
-        p = {cid: self.clients[cid].num_samples for cid in live}
-        total = sum(p.values())
-        a_bar = b_bar = 0
-        for cid in live:
-            a, b, _ = client_mods[cid][mod] if mod in client_mods[cid] else server_mods[mod]
-            a_bar = a_bar + p[cid] / total * a.detach()
-            b_bar = b_bar + p[cid] / total * b.detach()
-        return a_bar, b_bar
+    def __init__(self, setup, *args, **kwargs):
+        self.average = None   # (PEFT key -> tensor at lora.rank): the last aggregate; None: the initial adapter
+        super().__init__(setup, *args, **kwargs)
+
+    def _start_adapter(self, cid):
+        """A client given its layout starts from the last average, cut to its ranks."""
+        if self.average is None:
+            return super()._start_adapter(cid)
+        out = {}
+        for mod in self._client_mods(cid):
+            p, r = self.prefix[mod], self.ranks[cid][mod]
+            out[f"{p}.lora_A.weight"], out[f"{p}.lora_B.weight"] = _cut(
+                self.average[f"{p}.lora_A.weight"], self.average[f"{p}.lora_B.weight"], r)
+        return out
+
+    def _average(self, states: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The zero-padded average of every module over the copies the clients in `states` trained through."""
+        server, out = self._server_layers(), {}
+        for mod, p in self.prefix.items():
+            copies = [self._copy(cid, mod, states, server)[1:] for cid in states]
+            got = hetero.hetlora_average([(a, b, self.scaling) for a, b in copies],
+                                         [self.clients[cid].num_samples for cid in states])
+            a, b = max(got, key=lambda ab: ab[0].shape[0])
+            pad = self.max_rank - a.shape[0]
+            out[f"{p}.lora_A.weight"] = torch.cat([a, a.new_zeros(pad, a.shape[1])])
+            out[f"{p}.lora_B.weight"] = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1)
+        return out
 
     def aggregate(self, t):
-        live = [c.cid for c in self.live()]
-        client_mods = [_modules(c.client.part) for c in self.clients]
-        server_mods = _modules(self.server.learners[0].part)
-        for cid in live:
-            self.s.link.up(self._at_rank(cid, client_mods[cid]), cid, "adapter_up")
-        averages = {mod: self._padded_average(mod, live, client_mods, server_mods) for mod in self.total}
-        with torch.no_grad():
-            for _, part, ranks in self._copies():
-                for mod, (a, b, _) in _modules(part).items():
-                    r = ranks[mod]
-                    a.zero_()
-                    b.zero_()
-                    a[:r], b[:, :r] = averages[mod][0][:r], averages[mod][1][:, :r]
+        self.average = avg = self._average(self._uploads(t))
+        server = self.server.learners[0].part
+        server.load_adapter_state({k: avg[k] for k in server.adapter})
         for c in self.clients:
-            self.s.link.down(self._at_rank(c.cid, client_mods[c.cid]), c.cid, "adapter_down")
+            if not getattr(c, "connected", True):
+                self.held[c.cid] = None
+                continue
+            if self._in_sync(c, self.splits[c.cid]):
+                ok = self.guarded(t, c, lambda c: c.load_adapter_state(self._start_adapter(c.cid)))[0]
+                if not ok:
+                    self.held[c.cid] = None
+            else:
+                ok = self._set_layout(c)
+            if ok:
+                self.dropped.discard(c.cid)
         self.rounds += 1
+        self.last_aggregation = t + 1
         return {}
 
     def global_adapter(self):
-        live = [c.cid for c in self.live()]
-        client_mods = [_modules(c.client.part) for c in self.clients]
-        server_mods = _modules(self.server.learners[0].part)
-        out = {}
-        for mod, (_, _, prefix) in _modules(make_part(self.s.template, 0, self.layers)).items():
-            a, b = self._padded_average(mod, live, client_mods, server_mods)
-            out[f"{prefix}.lora_A.weight"], out[f"{prefix}.lora_B.weight"] = a.clone(), b.clone()
-        return out
+        self._sync()   # a deployed run evaluates before its first step: clients get their layouts first
+        peeks = {c.cid: s for c in self.live() for ok, s in [self.guarded(self.t, c, lambda c: c.peek_adapter_state())]
+                 if ok}
+        if not peeks:
+            raise RunError("no client left to evaluate")
+        return self._average(peeks)
 
-    def export_to(self, out_dir) -> dict:
-        from .lora import export_adapter
-
-        export_adapter(self.s.template, self.global_adapter(), out_dir)
+    def summary(self) -> dict:
         return {}
+
+    def export_to(self, out_dir, template=None) -> dict:
+        return SplitLoRA.export_to(self, out_dir, self.s.template)
+
+    def state_dict(self):
+        return {**super().state_dict(), "average": self.average}
+
+    def load_state_dict(self, state):
+        self.average = state.get("average")
+        super().load_state_dict(state)
 
 
 STRATEGIES.update({HSplitLoRA.name: HSplitLoRA, HetLoRA.name: HetLoRA})

@@ -34,15 +34,17 @@ class ValueBounds:
     factor: float = 1.0
 
 
-def message_limits(hidden: int, batch_size: int, max_length: int, adapter_shapes: dict) -> tuple[int, int]:
+def message_limits(hidden: int, batch_size: int, max_length: int, adapter_shapes: dict,
+                   extra_numel: int = 0) -> tuple[int, int]:
     """(largest message in bytes, largest header in bytes) of a run's messages in fp32 (the widest wire
-    precision): smashed activations with mask and labels, their gradient, the adapter, or a client state
-    (adapter + two AdamW moments), with a quarter of headroom."""
+    precision): smashed activations with mask and labels, their gradient, the adapter, a client state
+    (adapter + two AdamW moments), or a strategy's own message of `extra_numel` values
+    (`Strategy.message_numel`), with a quarter of headroom."""
     numel = sum(int(torch.Size(s).numel()) for s in adapter_shapes.values())
     tokens = batch_size * max_length
     tensors = 3 * len(adapter_shapes) + 8
     header = _HEADER_BASE + _HEADER_PER_TENSOR * tensors
-    largest = max(tokens * (hidden * 4 + 1 + 4), 3 * numel * 4)
+    largest = max(tokens * (hidden * 4 + 1 + 4), 3 * numel * 4, extra_numel * 4)
     return int(1.25 * largest) + header, header
 
 

@@ -28,7 +28,7 @@ from safetensors.torch import load as st_load
 from .checkpoint import join_tensors, split_tensors
 from .limits import HELLO_HEADER, ValueBounds, check_values
 from .roles import BadUpdate, ClientDropped, Loss
-from .wire import dequantize, encode
+from .wire import dequantize, encode, fold_message, layout_message, parse_fold, parse_layout
 
 SERVICE, METHOD = "splitlora.Split", "Session"
 FULL_METHOD = f"/{SERVICE}/{METHOD}"
@@ -189,7 +189,7 @@ class WireStats:
 
 # what the cost model calls each message (commands, acknowledgements and checkpoint reads have no kind)
 _LOG_KIND = {"smashed": "smashed", "backward": "grad", "adapter": "adapter_up", "load_adapter_state": "adapter_down",
-             "top_step": "server_activations", "top": "top_grad"}
+             "top_step": "server_activations", "top": "top_grad", "fold": "adapter_down", "set_layout": "layout"}
 
 
 class RemoteClient:
@@ -203,7 +203,8 @@ class RemoteClient:
         self.compute_s = 0.0
         self.last_shape: tuple[int, int] = (0, 0)
         self.expect: Expectations | None = None
-        self.frozen: set = set()   # adapter keys the client was told to freeze (it does not send them)
+        self.frozen: set | None = set()   # adapter keys the client was told to freeze (None: unknown)
+        self.incarnation = 0       # sessions so far: a new one may be a new process, with none of the old state
 
     @property
     def connected(self) -> bool:
@@ -240,7 +241,7 @@ class RemoteClient:
                 if _count(rmeta.get("n")) != out["activations"].shape[0]:
                     raise BadMessage("smashed reply: n must be the batch size")
             elif reply == "adapter":
-                check_adapter(out, self.expect, set() if kind == "peek_adapter_state" else self.frozen)
+                check_adapter(out, self.expect, set() if kind == "peek_adapter_state" else self.frozen or set())
             elif reply == "loss":
                 if not (_number(rmeta.get("loss")) and _number(rmeta.get("ce")) and _count(rmeta.get("n"))):
                     raise BadMessage("loss reply needs a finite loss and ce and a positive n")
@@ -319,6 +320,18 @@ class RemoteClient:
     def set_frozen(self, keys) -> None:
         self._call("set_frozen", meta={"keys": sorted(keys)})
         self.frozen = set(keys)
+
+    def set_layout(self, split: int, ranks: dict[str, int], adapter: dict, base: dict) -> None:
+        self._call("set_layout", layout_message(adapter, base), {"split": split, "ranks": ranks})
+        self.frozen = set()
+        self.expect.adapter_shapes = {k: tuple(v.shape) for k, v in adapter.items()}   # what it sends from now
+
+    def fold(self, factors, ranks: dict[str, int], rows: dict) -> None:
+        self._call("fold", fold_message(factors, rows), {"ranks": ranks})
+        shapes = self.expect.adapter_shapes
+        for k, s in shapes.items():
+            r = ranks[k.rsplit(".lora_", 1)[0]]
+            shapes[k] = (r, s[1]) if ".lora_A." in k else (s[0], r)
 
     def load_adapter_state(self, state) -> None:
         self._call("load_adapter_state", state)
@@ -443,6 +456,8 @@ class Hub:
         proxy.num_samples, proxy.num_trainable = int(meta.get("num_samples", 0)), int(meta.get("num_trainable", 0))
         proxy.hello_step = int(meta.get("step", 0))
         proxy.session = session
+        proxy.incarnation += 1
+        proxy.frozen = None   # perhaps a new process: the strategy tells it again
         context.add_callback(session.close)
         with self.joined:
             self.joined.notify_all()
@@ -537,7 +552,7 @@ def answer(client, kind: str, tensors: dict, meta: dict, precision: str, initial
     must be finite. A step whose values turn non-finite is skipped and reported as an error."""
     try:
         reply_kind, out, reply_meta, wire = _answer(client, kind, tensors, meta, initial)
-    except BadUpdate as e:
+    except ClientDropped as e:   # a skipped step (BadUpdate), or a command it cannot carry out yet
         reply_kind, out, reply_meta, wire = "error", {}, {"error": str(e)}, "fp32"
     return pack(reply_kind, out, {**reply_meta, "nonce": meta.get("nonce")}, precision if wire == "lossy" else "fp32")
 
@@ -576,7 +591,7 @@ def _answer(client, kind: str, tensors: dict, meta: dict, initial: dict | None):
     elif kind == "adapter_state":
         return "adapter", client.adapter_state(), done, "fp32"
     elif kind == "peek_adapter_state":   # frozen tensors too: the server evaluates the whole adapter
-        return "adapter", client.part.adapter_state(), done, "fp32"
+        return "adapter", client.peek_adapter_state(), done, "fp32"
     elif kind == "set_frozen":
         keys = meta.get("keys")
         if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
@@ -585,8 +600,23 @@ def _answer(client, kind: str, tensors: dict, meta: dict, initial: dict | None):
             client.set_frozen(set(keys))
         except KeyError as e:
             return "error", {}, {"error": str(e)}, "fp32"
+    elif kind in ("set_layout", "fold"):
+        ranks, split = meta.get("ranks"), meta.get("split") if kind == "set_layout" else 1
+        if not (isinstance(ranks, dict) and all(_count(r) for r in ranks.values()) and _count(split)):
+            return "error", {}, {"error": f"{kind}: needs ranks (module -> rank >= 1) and a split >= 1"}, "fp32"
+        try:
+            if kind == "set_layout":
+                client.set_layout(split, ranks, *parse_layout(tensors))
+            else:
+                factors, rows = parse_fold(tensors)
+                client.fold(factors, ranks, rows)
+        except (KeyError, ValueError, RuntimeError) as e:
+            return "error", {}, {"error": f"{kind}: {e}"}, "fp32"
     elif kind == "load_adapter_state":
-        client.load_adapter_state(tensors)
+        try:
+            client.load_adapter_state(tensors)
+        except (KeyError, ValueError) as e:
+            return "error", {}, {"error": str(e)}, "fp32"
     elif kind == "state_dict":   # the noise generator's state stays with the client (it would undo the noise)
         out: dict[str, torch.Tensor] = {}
         state = {k: v for k, v in client.state_dict().items() if k != "noise"}

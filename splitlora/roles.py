@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from . import robust
 from .data import BatchStream
 from .runtime import RandomStream, Runtime, role_seed
-from .split import ModelPart, set_checkpointing
+from .split import ModelPart, base_weight, lora_layers, own_base_weight, set_checkpointing
 from .wire import smashed_message
 
 
@@ -176,6 +176,10 @@ class Client:
         self.compute_s = 0.0
         self.last_shape: tuple[int, int] = (0, 0)   # (B, T) of the last whole-model batch, for the cost model
         self.frozen: set[str] = set()                  # adapter keys that get no gradient (DLoRA: killed)
+        self.ranks: dict[str, int] = {}                # LoRA module prefix -> its rank here (empty: all full)
+        self.builder = None                            # split layer -> a new part (heterogeneous strategies)
+        self.layout_required = False                   # no work before set_layout (a deployed heterogeneous client)
+        self.cfg = cfg
         self._activations: torch.Tensor | None = None
 
     @property
@@ -186,8 +190,13 @@ class Client:
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.part.trainable_parameters())
 
+    def _ready(self) -> None:
+        if self.layout_required:
+            raise ClientDropped(f"client {self.cid}: no layout yet (a new process): it waits for set_layout")
+
     def forward(self) -> tuple[dict[str, torch.Tensor], int]:
         """Run the bottom layers on the next batch; returns (smashed message, batch size)."""
+        self._ready()
         batch = {k: v.to(self.runtime.device) for k, v in self.stream.next_batch().items()}
         t0 = time.perf_counter()
         self.part.train()
@@ -242,6 +251,7 @@ class Client:
         """A whole-model training step on the next batch; returns (loss, batch size)."""
         if not self.part.has_head:
             raise RuntimeError(f"client {self.cid}: local_step() needs the whole model")
+        self._ready()
         batch = {k: v.to(self.runtime.device) for k, v in self.stream.next_batch().items()}
         self.last_shape = tuple(batch["input_ids"].shape)
         t0 = time.perf_counter()
@@ -270,19 +280,99 @@ class Client:
                 p.requires_grad_(True)
         self.frozen = set(keys)
 
-    def adapter_state(self) -> dict[str, torch.Tensor]:
-        """The trainable (not frozen) adapter tensors: what this client sends for aggregation."""
-        return {k: v for k, v in self.part.adapter_state().items() if k not in self.frozen}
+    # -- LoRA modules at ranks of their own (heterogeneous strategies) ---------------------------------
+    def _rank_of(self, key: str) -> int | None:
+        return self.ranks.get(key.rsplit(".lora_", 1)[0])
 
+    def _cut(self, key: str, v: torch.Tensor) -> torch.Tensor:
+        """An adapter tensor cut to its module's rank (A: the first r rows, B: the first r columns)."""
+        r = self._rank_of(key)
+        return v if r is None else (v[:r] if ".lora_A." in key else v[:, :r])
+
+    def _mask(self) -> None:
+        """Gradient masks that keep every module's components beyond its rank at zero."""
+        for k, p in self.part.adapter.items():
+            if getattr(p, "_rank_hook", None) is not None:
+                p._rank_hook.remove()
+                p._rank_hook = None
+            if self._rank_of(k) is None:
+                continue
+            mask = torch.zeros_like(p)
+            self._cut(k, mask).fill_(1)
+            p._rank_hook = p.register_hook(lambda g, m=mask: g * m)
+
+    def set_layout(self, split: int, ranks: dict[str, int], adapter: dict[str, torch.Tensor],
+                   base: dict[str, torch.Tensor]) -> None:
+        """Hold the part at `split` (built by `builder`), its LoRA modules at `ranks`, starting from
+        `adapter` (each tensor cut to its rank), with `base` (prefix -> [out, in]) as the current base
+        weight of those modules (missing: the pretrained one). A fresh optimizer; nothing frozen."""
+        if self.builder is None:
+            raise RuntimeError(f"client {self.cid}: this client cannot change its split")
+        part = self.builder(split).replicate(self.runtime.device)
+        layers = lora_layers(part)
+        if set(ranks) != set(layers) or not set(base) <= set(layers):
+            raise KeyError(f"client {self.cid}: the layout's modules are not those of a part at split {split}")
+        for prefix, layer in layers.items():   # weights of its own: the folds it is sent go there only
+            if prefix in base and tuple(base[prefix].shape) != tuple(base_weight(layer).shape):
+                raise ValueError(f"client {self.cid}: base weight of {prefix} has shape {list(base[prefix].shape)}")
+            own_base_weight(layer, base.get(prefix))
+        self.part, self.ranks, self.frozen, self.layout_required = part, dict(ranks), set(), False
+        set_checkpointing(part, self.runtime.checkpointing)
+        self.learner = Learner(part, self.cfg)
+        self.load_adapter_state(adapter)
+        self._mask()
+
+    @torch.no_grad()
+    def fold(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], ranks: dict[str, int],
+             rows: dict[str, torch.Tensor]) -> None:
+        """HSplitLoRA's aggregation, client side: each module's base weight gains B @ A of its stacked
+        factors (ΔW of the round, scaling included), its B restarts at zero, its A keeps what it learned
+        at the new rank (`rows`: the rows a grown rank adds; rows beyond the rank are zeroed), and the
+        optimizer forgets B (and A where the rank changed)."""
+        layers = lora_layers(self.part)
+        if set(factors) != set(layers) or set(ranks) != set(layers) or not set(rows) <= set(layers):
+            raise KeyError(f"client {self.cid}: fold for modules this part does not hold")
+        for prefix, layer in layers.items():
+            w = base_weight(layer)
+            if not getattr(layer.base_layer.weight, "owned", False):
+                raise RuntimeError(f"client {self.cid}: fold before set_layout (the base weights are not its own)")
+            a_stack, b_stack = factors[prefix]
+            w.add_(b_stack.to(w.device) @ a_stack.to(w.device))
+            a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            old, new = self.ranks.get(prefix, a.shape[0]), ranks[prefix]
+            if prefix in rows:
+                a[old:new] = rows[prefix].to(a.device, a.dtype)
+            a[new:] = 0
+            b.zero_()
+            self.learner.optimizer.state.pop(b, None)
+            if new != old:
+                self.learner.optimizer.state.pop(a, None)
+        self.ranks = dict(ranks)
+        self._mask()
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The trainable (not frozen) adapter tensors, each cut to its module's rank: what this client
+        sends for aggregation."""
+        self._ready()
+        return {k: self._cut(k, v) for k, v in self.part.adapter_state().items() if k not in self.frozen}
+
+    def peek_adapter_state(self) -> dict[str, torch.Tensor]:
+        """The whole adapter (frozen tensors too), cut to the ranks: for evaluation."""
+        self._ready()
+        return {k: self._cut(k, v) for k, v in self.part.adapter_state().items()}
+
+    @torch.no_grad()
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
-        if not self.frozen:
-            self.part.load_adapter_state(state)
-            return
+        """The unfrozen adapter tensors (cut to their modules' ranks: the rest of each is zeroed)."""
         if set(state) != set(self.part.adapter) - self.frozen:
             raise KeyError(f"client {self.cid}: the adapter state does not match the unfrozen tensors")
-        with torch.no_grad():
-            for k, v in state.items():
-                self.part.adapter[k].copy_(v)
+        for k, v in state.items():
+            p = self.part.adapter[k]
+            if tuple(v.shape) != tuple(self._cut(k, p).shape):
+                raise ValueError(f"client {self.cid}: {k} has shape {list(v.shape)}, not {list(self._cut(k, p).shape)}")
+            if self._rank_of(k) is not None:
+                p.zero_()
+            self._cut(k, p).copy_(v)
 
     def state_dict(self) -> dict:
         return {"learner": self.learner.state_dict(), "stream": self.stream.state_dict(),

@@ -180,6 +180,15 @@ class ModelPart(nn.Module):
         for k, p in self.adapter.items():
             p.copy_(state[k])
 
+    def view(self, start: int) -> "ModelPart":
+        """Blocks [start, stop) of this part (start >= self.start), sharing its modules and LoRA parameters:
+        what a server runs for a client whose split is deeper than the server part's first block."""
+        blocks = [None] * self.start + list(self.blocks)
+        view = ModelPart(self.family, self.config, {**dict(self.mods), "blocks": blocks}, start, self.stop, {})
+        ids = {id(p) for p in view.blocks.parameters()}
+        view.adapter = {k: p for k, p in self.adapter.items() if id(p) in ids}
+        return view
+
     @property
     def device(self) -> torch.device:
         return next(p.device for p in self.parameters() if p.device.type != "meta")
@@ -202,6 +211,45 @@ def set_checkpointing(part, on: bool) -> None:
     """Gradient checkpointing for a part (a UPart: both its parts)."""
     for p in (part.bottom, part.top) if isinstance(part, UPart) else (part,):
         p.checkpointing = on
+
+
+def lora_layers(part) -> dict[str, nn.Module]:
+    """PEFT key prefix (the adapter-file key less `.lora_A.weight`) -> the part's LoRA layer of it."""
+    prefixes = {id(p): k.rsplit(".lora_", 1)[0] for k, p in part.adapter.items()}
+    return {prefixes[id(m.lora_A["default"].weight)]: m for m in part.modules()
+            if hasattr(m, "lora_A") and "default" in m.lora_A and id(m.lora_A["default"].weight) in prefixes}
+
+
+def lora_targets(peft_model) -> dict[tuple[int, str], str]:
+    """(block, module name within the block) -> PEFT key prefix, for every LoRA module of the model."""
+    part = full_part(peft_model)
+    ids = {id(m): prefix for prefix, m in lora_layers(part).items()}
+    return {(b, name): ids[id(m)] for b, block in enumerate(part.blocks) for name, m in block.named_modules()
+            if id(m) in ids}
+
+
+def base_weight(layer: nn.Module) -> torch.Tensor:
+    """A LoRA layer's frozen base weight as [out, in] (a view: GPT-2's Conv1D stores [in, out])."""
+    w = layer.base_layer.weight
+    return w.T if layer.fan_in_fan_out else w
+
+
+@torch.no_grad()
+def own_base_weight(layer: nn.Module, value: torch.Tensor | None = None) -> torch.Tensor:
+    """Give a LoRA layer a base weight of its own (a copy of `value`, [out, in], or of its current one) so
+    an update folded into it stays with this part; returns the [out, in] view."""
+    w = layer.base_layer.weight
+    new = (base_weight(layer) if value is None else value).to(w.device, w.dtype)
+    layer.base_layer.weight = nn.Parameter((new.T if layer.fan_in_fan_out else new).contiguous().clone(),
+                                           requires_grad=False)
+    layer.base_layer.weight.owned = True
+    return base_weight(layer)
+
+
+def client_part(peft_model, split_layer: int, top_layers: int = 0):
+    """What a client holds at `split_layer`: embeddings + blocks [0, k), and with a U-shaped split
+    (`top_layers` = m) blocks [L − m, L) and the head too (shares the model's modules: replicate())."""
+    return split_u(peft_model, split_layer, top_layers)[0] if top_layers else split_model(peft_model, split_layer)[0]
 
 
 def adapter_keys(peft_model) -> dict[int, str]:

@@ -27,7 +27,7 @@ from .errors import RunError
 from .roles import (BadUpdate, Client, ClientDropped, FedServer, Loss, MainServer, OptimConfig, Privacy,
                     all_finite, fedavg, lr_at)
 from .runtime import Runtime
-from .split import ModelPart, full_part, split_model, split_u
+from .split import ModelPart, client_part, full_part, split_model, split_u
 from .wire import Link, LinkedClient, data_message
 
 
@@ -69,11 +69,48 @@ class Setup:
 def make_client(cid: int, part: ModelPart, features: list[dict], setup: Setup) -> Client:
     """The client role as every process builds it: its part, its data stream, its optimizer."""
     stream = BatchStream(features, setup.batch_size, setup.seed * 1009 + cid, setup.pad_token_id)
-    return Client(cid, part, stream, setup.optim, setup.privacy, setup.seed, setup.client_runtime(cid))
+    client = Client(cid, part, stream, setup.optim, setup.privacy, setup.seed, setup.client_runtime(cid))
+    client.builder = lambda split: client_part(setup.template, split, setup.top_layers)   # set_layout
+    return client
 
 
 class Strategy:
+    """A training schedule over the roles. What the rest of the package needs to know about a strategy it
+    declares here (never switched on its name elsewhere)."""
+
     name = ""
+    section: str | None = None   # the config section holding its own options (keyword arguments of __init__)
+    deployable = True            # its clients may run in other processes (`splitlora serve`)
+    whole_model = False          # each client holds the whole model (no split point)
+    parallel = True              # a step takes a batch from every client (else: from one)
+    client_layouts = False       # the server gives each client its split and ranks (`set_layout`) before work
+
+    @classmethod
+    def options(cls, cfg) -> dict:
+        """Keyword arguments of __init__ from a config: its own section's fields."""
+        return getattr(cfg, cls.section).model_dump() if cls.section else {}
+
+    @classmethod
+    def client_depth(cls, cfg, layers: int | None = None) -> int | None:
+        """The deepest split a client may be given (None: the whole model), for a model of `layers` blocks
+        (None: not known yet; an upper bound)."""
+        return None if cls.whole_model else cfg.model.split_layer
+
+    @classmethod
+    def message_numel(cls, part, num_clients: int) -> int:
+        """Values in the largest message of the strategy's own commands to a client holding `part`."""
+        return 0
+
+    def summary(self) -> dict:
+        """Strategy-specific fields of the run's summary."""
+        return {}
+
+    def export_to(self, out_dir, template) -> dict:
+        """Write the run's adapter (PEFT) to out_dir; returns summary fields about it."""
+        from .lora import export_adapter
+
+        export_adapter(template, self.global_adapter(), out_dir)
+        return {}
 
     def __init__(self, setup: Setup):
         self.s = setup
@@ -253,6 +290,7 @@ def _whole_model_only(setup: Setup, name: str) -> None:
 
 class CenLoRA(Strategy):
     name = "cenlora"
+    deployable, whole_model, parallel = False, True, False
 
     def __init__(self, setup: Setup):
         super().__init__(setup)
@@ -279,6 +317,7 @@ class CenLoRA(Strategy):
 
 class FedLoRA(Strategy):
     name = "fedlora"
+    whole_model = True
 
     def __init__(self, setup: Setup):
         super().__init__(setup)
@@ -304,6 +343,7 @@ class FedLoRA(Strategy):
 
 class SplitLoRA(FedLoRA):
     name = "splitlora"
+    whole_model = False
 
     def __init__(self, setup: Setup):
         Strategy.__init__(self, setup)
@@ -365,6 +405,7 @@ class SL(SplitLoRA):
     """Vanilla split learning: one client trains at a time against one server-side model."""
 
     name = "sl"
+    parallel = False
 
     def __init__(self, setup: Setup):
         if setup.server_mode != "shared":
@@ -432,6 +473,7 @@ class DLoRA(SplitLoRA):
     aggregations. Killed sets are the same on every client, so FedAvg stays over like tensors."""
 
     name = "dlora"
+    section = "dlora"
 
     def __init__(self, setup: Setup, warmup_steps: int = 20, threshold: float = 0.05, revive_interval: int = 100):
         super().__init__(setup)
@@ -503,6 +545,9 @@ class DLoRA(SplitLoRA):
                 self._apply()
         self.previous = {**(self.previous or {}), **current}
         return avg
+
+    def summary(self) -> dict:
+        return {"dlora_events": self.events}
 
     def extra_metrics(self) -> dict:
         return {"alive_client_adapters": len(self.modules) - len(self.killed),

@@ -28,10 +28,10 @@ from .rundir import StopRequest, carry_metrics, check_output
 from .runtime import DTYPES, Runtime, runtime_of
 from .cost import CostError, CostModel, Profile, Shapes, load_profiles, resolve
 from .build import role_model
-from .lora import export_adapter, load_into
+from .lora import load_into
 from .roles import FedServer, Loss, OptimConfig, Privacy, lm_loss
 from .roles import Client
-from .split import full_part, split_model, split_u
+from .split import client_part, full_part, num_layers
 from .hsplit import STRATEGIES  # the registry, with hsplitlora and hetlora
 from .strategies import Setup, Strategy, make_client
 from .wire import Link
@@ -125,9 +125,6 @@ def build_run(cfg: Config, hub=None) -> Run:
     if cfg.model.quantization != "none" and any(c.device != server.device for c in clients or ()):
         raise ConfigError("runtime.client_devices: a quantized base is built on one device; in one simulation the "
                           "clients must share the server's device (a deployment puts each role where it runs)")
-    if cfg.strategy.name in ("hsplitlora", "hetlora") and any(c.device != server.device for c in clients or ()):
-        raise ConfigError(f"runtime.client_devices: {cfg.strategy.name} runs its clients on the server's device "
-                          "(its aggregation mixes client and server factors)")
     lm, template = role_model(cfg, server)   # the simulator's model, on the server's device
     val = D.tokenize(val_ex, lm.tokenizer, cfg.data.max_length)[: cfg.data.val_max_samples]
     _nonempty(cfg, val, "validation set")
@@ -137,17 +134,8 @@ def build_run(cfg: Config, hub=None) -> Run:
         setup = _setup(cfg, template, lm.tokenizer, None, link=hub.stats,
                        remote=_remote_clients(cfg, hub, lm, template, train_ex, val))
     try:
-        options = cfg.dlora.model_dump() if cfg.strategy.name == "dlora" else {}
-        if cfg.strategy.name in ("hsplitlora", "hetlora") and cfg.strategy.aggregation != "fedavg":
-            raise ConfigError(f"strategy.aggregation: {cfg.strategy.name} combines adapters of different ranks its own "
-                              "way; the robust options are for fedlora, sl, splitlora and dlora")
-        if cfg.strategy.name in ("hsplitlora", "hetlora"):
-            if cfg.train.eval_interval % cfg.strategy.aggregation_interval:
-                raise ConfigError(f"train.eval_interval: {cfg.strategy.name} evaluates right after aggregations; "
-                                  "make it a multiple of strategy.aggregation_interval")
-            options = {**cfg.hsplit.model_dump(), "profiles": cost_profiles(cfg)[0],
-                       "batch_size": cfg.train.batch_size, "max_length": cfg.data.max_length}
-        strategy = STRATEGIES[cfg.strategy.name](setup, **options)
+        cls = STRATEGIES[cfg.strategy.name]
+        strategy = cls(setup, **cls.options(cfg))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return Run(cfg, lm.tokenizer, template, strategy, val, cost_model(cfg, template))
@@ -167,11 +155,18 @@ def _remote_clients(cfg: Config, hub, lm, template, train_ex, val_features):
     config = lm.model.config
     wire = {"fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}.get(cfg.wire.precision)
 
+    cls = STRATEGIES[cfg.strategy.name]
+    depth = cls.client_depth(cfg, num_layers(config))
+    deepest = None if depth is None else client_part(template, depth, cfg.model.top_layers)
+
     def remote(cid, part):
         # a client's activations and gradients arrive in its base dtype, or as the wire precision made them
         act_dtypes = tuple(dict.fromkeys(d for d in (DTYPES[cfg.runtime.dtype], wire) if d is not None))
         shapes = {k: tuple(p.shape) for k, p in part.adapter.items()}
-        max_bytes, max_header = message_limits(config.hidden_size, cfg.train.batch_size, cfg.data.max_length, shapes)
+        largest = deepest or part   # what it may hold during the run (a heterogeneous client moves)
+        max_bytes, max_header = message_limits(
+            config.hidden_size, cfg.train.batch_size, cfg.data.max_length,
+            {k: tuple(p.shape) for k, p in largest.adapter.items()}, cls.message_numel(largest, cfg.strategy.num_clients))
         if cfg.deploy.max_message_mb is not None:
             max_bytes = cfg.deploy.max_message_mb << 20
         return hub.configure(cid, Expectations(config.hidden_size, config.vocab_size, cfg.train.batch_size,
@@ -192,17 +187,17 @@ def client_role(cfg: Config, cid: int) -> Client:
         raise ConfigError(f"--client-id: {cid} is not in [0, {cfg.strategy.num_clients})")
     torch.manual_seed(cfg.train.seed)
     train_ex, _ = load_examples(cfg)
-    whole, u = cfg.strategy.name == "fedlora", cfg.model.top_layers
+    cls, u = STRATEGIES[cfg.strategy.name], cfg.model.top_layers
     runtime = runtime_of(cfg, "client", cid)
-    lm, template = role_model(cfg, runtime) if whole else \
-        role_model(cfg, runtime, layers=range(cfg.model.split_layer), head=bool(u), top_layers=u)
+    depth = cls.client_depth(cfg)
+    lm, template = role_model(cfg, runtime) if depth is None else \
+        role_model(cfg, runtime, layers=range(depth), head=bool(u), top_layers=u)
     features = client_data(cfg, lm.tokenizer, train_ex, only=cid)[0]
-    if cfg.model.top_layers:
-        part = split_u(template, cfg.model.split_layer, cfg.model.top_layers)[0]
-    else:
-        part = full_part(template) if cfg.strategy.name == "fedlora" else split_model(template, cfg.model.split_layer)[0]
+    depth = cls.client_depth(cfg, num_layers(lm.model.config))
+    part = full_part(template) if depth is None else client_part(template, depth, u)
     role = make_client(cid, part, features, _setup(cfg, template, lm.tokenizer, None,
                                                    client_runtimes=[runtime] * cfg.strategy.num_clients))
+    role.layout_required = cls.client_layouts   # a new process does no work before the server says what it holds
     # a deployed client's noise must be unknown to the server, which knows the config's seed
     role.noise.manual_seed(int.from_bytes(os.urandom(8), "little"))
     return role
@@ -338,10 +333,7 @@ def train(cfg: Config, output: str | Path, resume: str | Path | None = None,
     bar.close()
 
     export_info = {}
-    if hasattr(strategy, "export_to"):
-        export_info = strategy.export_to(out / "adapter")
-    else:
-        export_adapter(run.template, strategy.global_adapter(), out / "adapter")
+    export_info = strategy.export_to(out / "adapter", run.template)
     client_params, server_params = strategy.trainable_counts()
     records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln]
     vals = [r["val_loss"] for r in records if r["val_loss"] is not None]
@@ -349,7 +341,7 @@ def train(cfg: Config, output: str | Path, resume: str | Path | None = None,
                "best_val_loss": min(vals) if vals else None, "model": cfg.model.name,
                "client_trainable_params": client_params, "server_trainable_params": server_params,
                "dropout_events": strategy.dropouts, **export_info,
-               **({"reallocations": strategy.reallocations} if hasattr(strategy, "reallocations") else {}), **({"dlora_events": strategy.events} if strategy.name == "dlora" else {}),
+               **strategy.summary(),
                "adapter": str(out / "adapter")}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

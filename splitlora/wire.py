@@ -87,6 +87,44 @@ def data_message(features: list[dict]) -> dict[str, torch.Tensor]:
             "lengths": torch.tensor([len(f["input_ids"]) for f in features], dtype=torch.int32)}
 
 
+def layout_message(adapter: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Server -> client `set_layout`: the starting adapter (PEFT keys, cut to the client's ranks) and the
+    current base weights of its LoRA modules (`<prefix>.base_weight`, [out, in]; none before any fold)."""
+    return {**adapter, **{f"{p}.base_weight": w for p, w in base.items()}}
+
+
+def parse_layout(tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """(adapter, base) of a `layout_message`."""
+    base = {k[: -len(".base_weight")]: v for k, v in tensors.items() if k.endswith(".base_weight")}
+    return {k: v for k, v in tensors.items() if not k.endswith(".base_weight")}, base
+
+
+def fold_message(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], rows: dict[str, torch.Tensor]
+                 ) -> dict[str, torch.Tensor]:
+    """Server -> client `fold`: each module's stacked factors (`<prefix>.stacked_A` [R, in], `.stacked_B`
+    [out, R]: ΔW = B @ A) and the new rows of A a grown rank adds (`<prefix>.new_rows`)."""
+    out = {}
+    for p, (a, b) in factors.items():
+        out[f"{p}.stacked_A"], out[f"{p}.stacked_B"] = a, b
+    return {**out, **{f"{p}.new_rows": r for p, r in rows.items()}}
+
+
+def parse_fold(tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """(factors, rows) of a `fold_message`; a key of another form is a KeyError."""
+    factors, rows = {}, {}
+    for k, v in tensors.items():
+        p, _, what = k.rpartition(".")
+        if what == "new_rows":
+            rows[p] = v
+        elif what in ("stacked_A", "stacked_B"):
+            factors.setdefault(p, {})[what] = v
+        else:
+            raise KeyError(f"fold: unexpected tensor {k}")
+    if any(set(f) != {"stacked_A", "stacked_B"} for f in factors.values()):
+        raise KeyError("fold: every module needs stacked_A and stacked_B")
+    return {p: (f["stacked_A"], f["stacked_B"]) for p, f in factors.items()}, rows
+
+
 @dataclass
 class Link:
     """Counts bytes each way; `up` is client -> server, `down` is server -> client. `log` keeps
@@ -163,9 +201,21 @@ class LinkedClient:
         """Freeze these adapter tensors on the client (DLoRA's killed modules): a command, no tensors."""
         self.client.set_frozen(set(keys))
 
+    def set_layout(self, split: int, ranks: dict[str, int], adapter: dict[str, torch.Tensor],
+                   base: dict[str, torch.Tensor]) -> None:
+        """A heterogeneous client's part, ranks, starting adapter and base weights, down."""
+        down = self.link.down(layout_message(adapter, base), self.cid, "layout")
+        self.client.set_layout(split, ranks, *parse_layout(down))
+
+    def fold(self, factors, ranks: dict[str, int], rows: dict[str, torch.Tensor]) -> None:
+        """HSplitLoRA's round, down: the stacked factors of the client's modules, its new ranks and rows."""
+        down = self.link.down(fold_message(factors, rows), self.cid, "adapter_down")
+        factors, rows = parse_fold(down)
+        self.client.fold(factors, ranks, rows)
+
     def peek_adapter_state(self) -> dict[str, torch.Tensor]:
         """The whole adapter (frozen tensors too) for evaluation: a measurement, so nothing is counted."""
-        return self.client.part.adapter_state()
+        return self.client.peek_adapter_state()
 
     def state_dict(self) -> dict:
         return self.client.state_dict()

@@ -3,6 +3,7 @@ computes, refuse bad peers and bad messages, and survive a client that dies."""
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import subprocess
@@ -65,12 +66,18 @@ def run_clients(cfg, port, certs_dir, tmp_path, ids=(0, 1)):
 
 def wait_all(procs, server_thread, result, timeout=180):
     for p in procs:
-        out, err = p.communicate(timeout=timeout)
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            raise AssertionError(f"a client did not finish; the server: {result.get('error', 'running')}") from None
         assert p.returncode == 0, err[-2000:]
     server_thread.join(timeout)
     assert "error" not in result, result.get("error")
 
 
+HET = {"strategy.name": "hsplitlora", "lora.rank": 8, "cost.clients": ["phone", "edge"], "hsplit.client_step_s": 1e-3,
+       "hsplit.max_split_layer": 3, "hsplit.realloc_threshold": 0.0, "train.eval_interval": 2, "train.max_steps": 6}
 DLORA = {"strategy.name": "dlora", "strategy.aggregation_interval": 1, "dlora.warmup_steps": 0,
          "dlora.threshold": 1e9, "dlora.revive_interval": 4, "train.max_steps": 6}
 DEPLOYED = {"shared": {"strategy.server_mode": "shared"}, "per_client": {"strategy.server_mode": "per_client"},
@@ -83,7 +90,11 @@ DEPLOYED = {"shared": {"strategy.server_mode": "shared"}, "per_client": {"strate
             # DLoRA: every module killed at step 2 (the clients compute no backward), revived at 4, killed at 5
             "dlora": {**DLORA, "lora.dropout": 0.1},
             # U-shaped, everything killed: the client gets no gradient but still steps (its top)
-            "dlora_ushape": {**DLORA, "model.top_layers": 1, "model.split_layer": 1, "strategy.server_mode": "per_client"}}
+            "dlora_ushape": {**DLORA, "model.top_layers": 1, "model.split_layer": 1, "strategy.server_mode": "per_client"},
+            # clients at their own splits and ranks (1 and 2 blocks); ranks re-decided at every aggregation
+            "hsplitlora": {**HET, "lora.dropout": 0.1},
+            "hsplitlora_ushape": {**HET, "model.top_layers": 1, "hsplit.client_step_s": 2e-3},
+            "hetlora": {**HET, "strategy.name": "hetlora"}}
 
 
 @pytest.mark.parametrize("label", list(DEPLOYED))
@@ -100,6 +111,12 @@ def test_deployed_run_equals_simulator(label, make_config, certs, tmp_path):
         assert [r["killed_client_adapters"] for r in dep] == [r["killed_client_adapters"] for r in sim]
         assert [r["alive_client_adapters"] for r in dep] == [r["alive_client_adapters"] for r in sim]
         assert [bool(r["killed_client_adapters"]) for r in dep] == [False, False, True, True, False, True, True]
+    if cfg.strategy.name in ("hsplitlora", "hetlora"):   # the same splits and ranks, decided at the same steps
+        for key in ("client_splits", "client_mean_ranks"):
+            assert [r[key] for r in dep] == [r[key] for r in sim], key
+        assert len({tuple(r["client_splits"]) for r in dep}) == 1 and len(set(dep[-1]["client_splits"])) == 2
+        assert result["summary"].get("reallocations") == json.loads((tmp_path / "sim" / "summary.json").read_text()).get(
+            "reallocations")
     wire = result["summary"]["wire"]
     assert set(wire["per_client"]) == {"0", "1"} and all(v["bytes_up"] > 0 for v in wire["per_client"].values())
     assert dep[-1]["dropouts"] == 0 and dep[-1]["live_clients"] == 2 and dep[-1]["refused_updates"] == 0
@@ -249,10 +266,55 @@ def test_server_killed_and_resumed_completes_without_applying_a_round_twice(labe
         assert any(r["alive_client_adapters"] == 0 for r in records[killed_at:])
 
 
-@pytest.mark.parametrize("name", ["hsplitlora", "hetlora", "cenlora"])
+@pytest.mark.parametrize("name", ["cenlora"])
 def test_what_cannot_be_deployed_is_refused_before_listening(name, make_config):
     from splitlora.config import ConfigError
     from splitlora.deploy import _check
 
     with pytest.raises(ConfigError, match=f"{name} cannot be deployed"):
         _check(make_config({"strategy.name": name}), "127.0.0.1:1", insecure=True)
+
+
+def test_a_heterogeneous_client_replaced_by_a_new_process_rejoins_at_its_own_split_and_ranks(
+        make_config, certs, tmp_path):
+    """hsplitlora, deployed: a new process of client 1 takes over mid-run (pretrained base, no state) and
+    the old one dies; the server gives the new one its layout with every fold so far, and it trains to
+    the end with the others."""
+    import time
+
+    cfg = make_config({**BASE, **HET, "train.max_steps": 30, "train.eval_interval": 10, "deploy.timeout_s": 10,
+                       "deploy.retries": 5})
+    t, port, hub, result = start(cfg, tmp_path / "dep", certs)
+    proxy, layouts, calls = hub.proxies[1], [], []
+    set_layout, forward = proxy.set_layout, proxy.forward
+
+    def gated_forward():   # its third batch (after the first fold) waits for the new process to say hello
+        calls.append(proxy.incarnation)
+        while len(calls) == 3 and proxy.incarnation == calls[0] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return forward()
+
+    proxy.set_layout = lambda *args: (layouts.append(args), set_layout(*args))[1]   # (split, ranks, adapter, base)
+    proxy.forward = gated_forward
+    deadline = time.monotonic() + 120
+    procs = run_clients(cfg, port, certs, tmp_path)
+    while len(calls) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    incarnation = proxy.incarnation
+    new = run_clients(cfg, port, certs, tmp_path, ids=(1,))
+    while proxy.incarnation == incarnation and time.monotonic() < deadline:
+        time.sleep(0.05)
+    procs[1].kill()                       # the old process dies (its session was already replaced)
+    procs[1].wait()
+    wait_all([procs[0], *new], t, result)
+    summary = result["summary"]
+    assert summary["step"] == 30 and proxy.incarnation > incarnation
+    # the new process was asked for a batch before it had its layout: it refused, and was given it next
+    assert {e["client"] for e in summary["dropout_events"]} == {1}
+    records = read_metrics(tmp_path / "dep")
+    assert records[-1]["live_clients"] == 2 and records[-1]["client_splits"] == records[1]["client_splits"]
+    assert summary["final_val_loss"] < summary["initial_val_loss"]
+    # its layout at the start (pretrained base: no weights sent), then to the new process, with the base
+    # weights of its own modules at the fold the server held, at its own split and ranks
+    assert len(layouts) >= 2 and layouts[0][3] == {} and all(lay[0] == layouts[0][0] for lay in layouts)
+    assert set(layouts[-1][3]) == set(layouts[-1][1]) and len(layouts[-1][3]) == 2 * layouts[-1][0]

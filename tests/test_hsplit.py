@@ -5,6 +5,7 @@ and the HetLoRA baseline."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -13,11 +14,20 @@ from peft import PeftModel
 from test_resume_cli import run_interrupted_and_resumed
 
 from splitlora.config import ConfigError
-from splitlora.hsplit import _modules
+from splitlora.split import lora_layers
 from splitlora.models import tiny_model
 from splitlora import data as D
 from splitlora.roles import lm_loss
 from splitlora.train import build_run
+
+def _modules(part):
+    """(block, layer name) -> (A, B, PEFT key prefix) of a part's LoRA modules."""
+    out = {}
+    for prefix, layer in lora_layers(part).items():
+        block, name = re.search(r"\.(?:layers|h)\.(\d+)\.(.+)$", prefix).groups()
+        out[(int(block), name)] = (layer.lora_A["default"].weight, layer.lora_B["default"].weight, prefix)
+    return out
+
 
 # three devices, weakest first; a client step budget that lets them hold 1, 2 and 3 of the 4 blocks
 HET = {"strategy.name": "hsplitlora", "strategy.num_clients": 3, "strategy.aggregation_interval": 2,
@@ -168,3 +178,35 @@ def test_split_re_decided_at_a_reallocation_loses_nothing(make_config):
     for t in range(4, 6):
         moved.step(t)
     assert validation_loss(runs[1]) < validation_loss(runs[0]) + 1.0   # trains on with the new parts
+
+
+@pytest.mark.parametrize("name", ["hsplitlora", "hetlora"])
+def test_a_client_that_missed_a_round_rejoins_with_the_current_fold_at_its_own_rank(name, make_config):
+    """Client 1 misses the aggregation's download and comes back as a new process (pretrained base, fresh
+    part): before it trains again it is given its layout whole: its own split and ranks, the base weights
+    with every fold so far, and the adapter the others restarted from."""
+    from test_strategies import FlakyTransport
+
+    run = build_run(make_config({**HET, "strategy.name": name}))
+    s = run.strategy
+    method = "fold" if name == "hsplitlora" else "load_adapter_state"
+    s.clients[1] = FlakyTransport(s.clients[1], {1}, method)
+    for t in range(2):
+        s.step(t)
+    assert [d["client"] for d in s.dropouts] == [1] and s.held[1] is None
+    inner = s.clients[1].inner
+    inner.client = build_run(make_config({**HET, "strategy.name": name})).strategy.clients[1].client   # a new process
+    s.step(2)
+    mods = _modules(inner.client.part)
+    assert set(mods) == {m for m in s.total if s._client_side(1, m[0])} and len(mods) == 2 * s.splits[1]
+    for mod, (a, b, _) in mods.items():
+        r = s.ranks[1][mod]
+        assert not a[r:].any() and not b[:, r:].any()
+        layer = lora_layers(inner.client.part)[s.prefix[mod]]
+        assert torch.equal(layer.base_layer.weight, s.base[mod]), mod   # every fold so far
+        assert layer.base_layer.weight.data_ptr() != s.base[mod].data_ptr()   # its own copy
+    if name == "hsplitlora":
+        assert any(d.abs().sum() > 0 for d in s.total.values())
+    for t in range(3, 4):
+        s.step(t)
+    assert s.live() == s.clients
