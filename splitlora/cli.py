@@ -185,7 +185,7 @@ def _score(args) -> None:
 
 
 def _serve(args) -> None:
-    from .deploy import serve
+    from .transport.deploy import serve
 
     cfg = _load_config(args.config, args.set)
     try:
@@ -199,14 +199,14 @@ def _serve(args) -> None:
 
 
 def _client(args) -> None:
-    from .deploy import client
+    from .transport.deploy import client
 
     client(_load_config(args.config, args.set), args.client_id, args.server, args.certs, insecure=args.insecure,
            progress=args.progress)
 
 
 def _certs(args) -> None:
-    from .certs import create_certs
+    from .transport.certs import create_certs
 
     names = args.server_name or ["localhost", "127.0.0.1", "::1"]
     paths = create_certs(args.output, args.clients, server_names=names, overwrite=args.overwrite)
@@ -215,7 +215,7 @@ def _certs(args) -> None:
 
 
 def _calibrate(args) -> None:
-    from .calibrate import calibrate
+    from .experiments.calibrate import calibrate
 
     result = calibrate(_load_config(args.config, args.set), args.output, steps=args.steps,
                        log=lambda m: print(m, file=sys.stderr))
@@ -226,7 +226,7 @@ def _calibrate(args) -> None:
 
 
 def _compare(args) -> None:
-    from .compare import compare
+    from .experiments.compare import compare
 
     names = [s.strip() for s in args.strategies.split(",") if s.strip()]
     result = compare(_load_config(args.config, args.set), names, args.output, samples=args.samples,
@@ -237,7 +237,7 @@ def _compare(args) -> None:
 
 
 def _attack(args) -> None:
-    from .attack import attack
+    from .experiments.attack import attack
 
     floats = lambda text: [float(x) for x in text.split(",") if x.strip()]  # noqa: E731
     result = attack(args.run_dir, args.output, depths=[int(x) for x in floats(args.depths)],
@@ -252,33 +252,34 @@ SMOLLM2 = "smollm2-135m-instruct"
 
 
 def _bench(args) -> None:
-    from . import bench
+    import importlib
 
+    fn = getattr(importlib.import_module(f".experiments.{args.which}", __package__), args.which)   # one file each
     if args.which == "overhead":
-        result = bench.overhead(args.model or SMOLLM2, steps=args.steps or 30, split_layer=args.split_layer or 3,
+        result = fn(args.model or SMOLLM2, steps=args.steps or 30, split_layer=args.split_layer or 3,
                                 sets=args.set, peak_tflops=args.peak_tflops)
     elif args.which == "noise":
         floats = lambda text: [float(x) for x in text.split(",") if x.strip()]  # noqa: E731
-        result = bench.noise(args.config, args.workdir or "runs/bench-noise", floats(args.noise), args.clip_norm,
+        result = fn(args.config, args.workdir or "runs/bench-noise", floats(args.noise), args.clip_norm,
                              floats(args.grad_noise), args.grad_clip_norm, args.set, args.reuse,
                              log=lambda m: print(m, file=sys.stderr))
     elif args.which == "precision":
-        result = bench.precision(args.config, sets=args.set, workdir=args.workdir,
+        result = fn(args.config, sets=args.set, workdir=args.workdir,
                                  log=lambda m: print(m, file=sys.stderr))
     elif args.which == "memory":
         split = lambda text: tuple(x.strip() for x in text.split(",") if x.strip())  # noqa: E731
-        result = bench.memory(split(args.shapes), split(args.sides), split(args.variants), args.split_layer or 2,
+        result = fn(split(args.shapes), split(args.sides), split(args.variants), args.split_layer or 2,
                               sets=args.set, log=lambda m: print(m, file=sys.stderr))
     elif args.which == "scale":
         counts = tuple(int(x) for x in args.clients.split(",") if x.strip())
-        result = bench.scale(counts, model=args.model or "tiny-llama", steps=args.steps or 6, workdir=args.workdir,
+        result = fn(counts, model=args.model or "tiny-llama", steps=args.steps or 6, workdir=args.workdir,
                              sets=args.set, log=lambda m: print(m, file=sys.stderr))
     elif args.which == "hetero":
-        result = bench.hetero(steps=args.steps, workdir=args.workdir, reuse=args.reuse, sets=args.set,
+        result = fn(steps=args.steps, workdir=args.workdir, reuse=args.reuse, sets=args.set,
                               log=lambda m: print(m, file=sys.stderr))
     else:
         precisions = tuple(p.strip() for p in args.precisions.split(",") if p.strip())
-        result = bench.deploy(args.model or SMOLLM2, steps=args.steps or 6, split_layer=args.split_layer or 3,
+        result = fn(args.model or SMOLLM2, steps=args.steps or 6, split_layer=args.split_layer or 3,
                               precisions=precisions, repeats=args.repeats, quiet_wait_s=args.quiet_wait,
                               workdir=args.workdir, sets=args.set, log=lambda m: print(m, file=sys.stderr))
     with open(args.output, "w") as f:
@@ -334,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         if os.environ.get("SPLITLORA_PEAK_RSS_FILE"):   # for the benchmarks: this process's own peak RSS
-            from .bench.common import peak_rss_bytes
+            from .experiments.common import peak_rss_bytes
             with open(os.environ["SPLITLORA_PEAK_RSS_FILE"], "w") as f:
                 f.write(str(peak_rss_bytes()))
     return 0

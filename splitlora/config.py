@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -64,7 +64,7 @@ class DataSection(_Section):
 
 
 class StrategySection(_Section):
-    name: Literal["cenlora", "fedlora", "sl", "splitlora", "dlora", "hsplitlora", "hetlora"] = "splitlora"
+    name: str = "splitlora"   # a strategy of the registry (splitlora/strategies/: one file each, or a plug-in)
     num_clients: int = Field(3, ge=1)
     aggregation_interval: int = Field(100, ge=1)
     server_mode: Literal["shared", "per_client"] = "shared"
@@ -72,6 +72,15 @@ class StrategySection(_Section):
     # median or trimmed_mean (coordinate-wise; trim_fraction of the clients dropped at each end)
     aggregation: Literal["fedavg", "clipped", "median", "trimmed_mean"] = "fedavg"
     trim_fraction: float = Field(0.2, ge=0, lt=0.5)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        from .strategies import available   # the package's file names and the plug-ins: no torch
+
+        if name not in available():
+            raise ValueError(f"unknown strategy {name!r} (known: {', '.join(available())})")
+        return name
 
 
 class TrainSection(_Section):
@@ -201,7 +210,7 @@ def _one_line(err: ValidationError, source: str, overrides: dict[str, str]) -> s
     parts = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
-        msg = "unknown config key" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = "unknown config key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
         given = next((item for dotted, item in overrides.items()
                       if key and (key == dotted or key.startswith(dotted + ".") or dotted.startswith(key + "."))),
                      None)

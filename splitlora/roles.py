@@ -22,7 +22,7 @@ from . import robust
 from .data import BatchStream
 from .runtime import RandomStream, Runtime, role_seed
 from .split import ModelPart, base_weight, lora_layers, own_base_weight, set_checkpointing
-from .wire import smashed_message
+from .transport.codec import smashed_message
 
 
 @dataclass(frozen=True)

@@ -32,9 +32,9 @@ from .lora import load_into
 from .roles import FedServer, Loss, OptimConfig, Privacy, lm_loss
 from .roles import Client
 from .split import client_part, full_part, num_layers
-from .hsplit import STRATEGIES  # the registry, with hsplitlora and hetlora
-from .strategies import Setup, Strategy, make_client
-from .wire import Link
+from . import strategies
+from .strategies.base import Setup, Strategy, make_client
+from .transport.local import Link
 
 
 @dataclass
@@ -134,7 +134,7 @@ def build_run(cfg: Config, hub=None) -> Run:
         setup = _setup(cfg, template, lm.tokenizer, None, link=hub.stats,
                        remote=_remote_clients(cfg, hub, lm, template, train_ex, val))
     try:
-        cls = STRATEGIES[cfg.strategy.name]
+        cls = strategies.get(cfg.strategy.name)
         strategy = cls(setup, **cls.options(cfg))
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -144,8 +144,8 @@ def build_run(cfg: Config, hub=None) -> Run:
 def _remote_clients(cfg: Config, hub, lm, template, train_ex, val_features):
     """The deployed server's (cid, client part) -> RemoteClient: what each client's messages must look
     like, their size limits and value bounds (`limits`), and its share of the data as partitioned here."""
-    from .limits import message_limits, value_bounds
-    from .remote import Expectations
+    from .transport.limits import message_limits, value_bounds
+    from .transport.checks import Expectations
 
     counts = [len(f) for f in client_data(cfg, lm.tokenizer, train_ex)]
     batch = D.collate(val_features[: cfg.train.batch_size], lm.tokenizer.pad_token_id)
@@ -155,7 +155,7 @@ def _remote_clients(cfg: Config, hub, lm, template, train_ex, val_features):
     config = lm.model.config
     wire = {"fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}.get(cfg.wire.precision)
 
-    cls = STRATEGIES[cfg.strategy.name]
+    cls = strategies.get(cfg.strategy.name)
     depth = cls.client_depth(cfg, num_layers(config))
     deepest = None if depth is None else client_part(template, depth, cfg.model.top_layers)
 
@@ -187,7 +187,7 @@ def client_role(cfg: Config, cid: int) -> Client:
         raise ConfigError(f"--client-id: {cid} is not in [0, {cfg.strategy.num_clients})")
     torch.manual_seed(cfg.train.seed)
     train_ex, _ = load_examples(cfg)
-    cls, u = STRATEGIES[cfg.strategy.name], cfg.model.top_layers
+    cls, u = strategies.get(cfg.strategy.name), cfg.model.top_layers
     runtime = runtime_of(cfg, "client", cid)
     depth = cls.client_depth(cfg)
     lm, template = role_model(cfg, runtime) if depth is None else \

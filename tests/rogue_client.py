@@ -27,8 +27,9 @@ import sys
 import grpc
 import torch
 
-from splitlora import remote
-from splitlora.certs import client_credentials
+from splitlora.transport import client as remote
+from splitlora.transport.certs import client_credentials
+from splitlora.transport.codec import encode, pack
 from splitlora.config import load_config
 from splitlora.roles import Client
 from splitlora.train import client_role
@@ -44,11 +45,11 @@ def main(config: str, cid: int, port: int, certs: str, attacks: str) -> int:
     gen = torch.Generator().manual_seed(0)
 
     def smashed(tensors: dict, meta: dict, reply_meta: dict | None = None) -> bytes:
-        return remote.pack("smashed", tensors, {"n": int(tensors["activations"].shape[0]), "compute_s": 0.0,
+        return pack("smashed", tensors, {"n": int(tensors["activations"].shape[0]), "compute_s": 0.0,
                                                 "nonce": meta.get("nonce"), **(reply_meta or {})})
 
     def padded(msg: dict, meta: dict, keys: int) -> bytes:
-        return remote.encode(msg, "fp32", {"kind": "smashed", **{f"k{i}": "x" * 200 for i in range(keys)},
+        return encode(msg, "fp32", {"kind": "smashed", **{f"k{i}": "x" * 200 for i in range(keys)},
                                            "meta": json.dumps({"n": int(msg["activations"].shape[0]),
                                                                "compute_s": 0.0, "nonce": meta.get("nonce")})})
 
@@ -78,7 +79,7 @@ def main(config: str, cid: int, port: int, certs: str, attacks: str) -> int:
                 return padded(msg, meta, 500 if attack == "header" else 10_000)
             raise ValueError(f"unknown attack {attack!r}")
         if kind == "adapter_state" and "adapter-1e30" in pending:
-            return remote.pack("adapter", {k: torch.full_like(v, 1e30) for k, v in client.adapter_state().items()},
+            return pack("adapter", {k: torch.full_like(v, 1e30) for k, v in client.adapter_state().items()},
                                {"compute_s": client.compute_s, "nonce": meta.get("nonce")})
         return honest(client, kind, tensors, meta, precision, initial)
 

@@ -9,7 +9,7 @@ import json
 import matplotlib.image as mpimg
 from conftest import run_training
 
-from splitlora.attack import attack
+from splitlora.experiments.attack import attack
 
 
 def test_attack_recovers_shallow_tokens_and_noise_stops_it(make_config, tmp_path):

@@ -15,7 +15,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import PolicyBuilder, Store
 
-from splitlora.certs import (
+from splitlora.transport.certs import (
     CertError,
     client_credentials,
     create_certs,

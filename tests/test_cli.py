@@ -317,7 +317,7 @@ def test_bench_memory(tmp_path):
 
 def test_bench_memory_estimates_fp32_from_a_later_bf16_case():
     """A part too large for fp32 is estimated from its bf16 case, measured after it in the run's order."""
-    from splitlora.bench.memory import estimate
+    from splitlora.experiments.memory import estimate
 
     cases = [{"shape": "s", "side": "server", "variant": "fp32", "measured": False, "params": 10, "estimate": "."},
              {"shape": "s", "side": "client", "variant": "bf16", "measured": True, "peak_bytes": 7},

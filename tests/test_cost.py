@@ -169,7 +169,7 @@ def test_compare_report_from_tiny_runs(make_config, tmp_path):
 
     import matplotlib.image as mpimg
 
-    from splitlora.compare import compare
+    from splitlora.experiments.compare import compare
 
     cfg = make_config({"train.max_steps": 2, "train.eval_interval": 1, "cost.client": "phone"})
     result = compare(cfg, ["cenlora", "fedlora", "sl", "splitlora"], tmp_path / "cmp", target=10.0, progress=False)
@@ -192,7 +192,7 @@ def test_compare_report_from_tiny_runs(make_config, tmp_path):
 
 
 def test_compare_target_defaults_to_cenlora_plus_margin(make_config, tmp_path):
-    from splitlora.compare import compare
+    from splitlora.experiments.compare import compare
 
     cfg = make_config({"train.max_steps": 2, "train.eval_interval": 2})
     result = compare(cfg, ["cenlora", "splitlora"], tmp_path / "cmp", progress=False)
@@ -245,7 +245,7 @@ def _measured_client(part, b: int, t: int) -> tuple[int, int]:
 
 
 def test_compare_reuse_reads_finished_runs(make_config, tmp_path):
-    from splitlora.compare import compare
+    from splitlora.experiments.compare import compare
 
     cfg = make_config({"train.max_steps": 2, "train.eval_interval": 2})
     first = compare(cfg, ["cenlora", "splitlora"], tmp_path / "cmp", progress=False)
@@ -257,7 +257,7 @@ def test_compare_reuse_reads_finished_runs(make_config, tmp_path):
 
 def test_client_memory_estimate_follows_the_clients_part(make_config):
     """Deeper splits and a U-shaped client's top blocks + head cost memory; fedlora's whole model most."""
-    from splitlora.compare import client_memory_mib
+    from splitlora.experiments.compare import client_memory_mib
 
     cfg = make_config({"model.split_layer": 1})
     template = build_run(cfg).template

@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 from conftest import assert_states_equal, exported_adapter, read_metrics, run_training
-from splitlora.certs import create_certs
-from splitlora.deploy import serve
-from splitlora.remote import FULL_METHOD, pack
+from splitlora.transport.certs import create_certs
+from splitlora.transport.codec import FULL_METHOD, pack
+from splitlora.transport.deploy import serve
 
 # every role draws its LoRA dropout from its own stream (runtime.RandomStream), so a deployed run
 # equals the single-process simulator bit for bit with dropout as without it
@@ -140,7 +140,7 @@ def _session(port, creds, messages, timeout=10):
 
 
 def test_bad_peers_are_refused(make_config, certs, tmp_path):
-    from splitlora.certs import client_credentials
+    from splitlora.transport.certs import client_credentials
 
     other = tmp_path / "other-ca"
     create_certs(other, 1)
@@ -269,7 +269,7 @@ def test_server_killed_and_resumed_completes_without_applying_a_round_twice(labe
 @pytest.mark.parametrize("name", ["cenlora"])
 def test_what_cannot_be_deployed_is_refused_before_listening(name, make_config):
     from splitlora.config import ConfigError
-    from splitlora.deploy import _check
+    from splitlora.transport.deploy import _check
 
     with pytest.raises(ConfigError, match=f"{name} cannot be deployed"):
         _check(make_config({"strategy.name": name}), "127.0.0.1:1", insecure=True)

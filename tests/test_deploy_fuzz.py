@@ -36,8 +36,9 @@ from conftest import read_metrics
 from safetensors.torch import save as st_save
 from test_deploy import BASE, run_clients, start
 
-from splitlora.certs import client_credentials, create_certs
-from splitlora.remote import FULL_METHOD, answer, pack, serve_client, unpack
+from splitlora.transport.certs import client_credentials, create_certs
+from splitlora.transport.client import answer, serve_client
+from splitlora.transport.codec import FULL_METHOD, pack, unpack
 from splitlora.train import client_role
 
 OPTIONS = [("grpc.enable_http_proxy", 0)]   # the client side sends whatever size it is given

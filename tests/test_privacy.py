@@ -87,7 +87,8 @@ def test_the_server_never_learns_a_deployed_clients_noise(make_config):
     """A deployed client seeds its noise from the OS (not from the config the server knows) and keeps
     the generator's state out of the client state the server checkpoints."""
     from splitlora.checkpoint import join_tensors
-    from splitlora.remote import answer, unpack
+    from splitlora.transport.client import answer
+    from splitlora.transport.codec import unpack
     from splitlora.train import client_role
 
     cfg = make_config({"privacy.clip_norm": 20.0, "privacy.noise_multiplier": 0.5})
@@ -101,7 +102,7 @@ def test_the_server_never_learns_a_deployed_clients_noise(make_config):
 def test_bench_noise_trains_each_level_and_reuses_finished_runs(tmp_path, e2e_file):
     from conftest import write_config
 
-    from splitlora.bench import noise
+    from splitlora.experiments.noise import noise
 
     config = write_config(tmp_path, e2e_file, {"model.top_layers": 1, "model.split_layer": 1, "train.max_steps": 2,
                                                "train.eval_interval": 2})

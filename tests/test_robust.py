@@ -266,7 +266,7 @@ def test_robust_aggregation_is_refused_where_it_does_not_apply(make_config):
 
 def test_resume_needs_a_complete_checkpoint(make_config, tmp_path):
     from splitlora.checkpoint import latest_checkpoint, remove_partial, save_checkpoint
-    from splitlora.deploy import serve
+    from splitlora.transport.deploy import serve
 
     cfg = make_config(RUN)
     with pytest.raises(ConfigError, match="holds no complete checkpoint"):
@@ -333,7 +333,7 @@ def test_a_fresh_server_resets_clients_that_hold_an_earlier_runs_state(make_conf
 # -- one server per address; cheap checks first; one-line errors ---------------------------------------
 
 def test_one_server_per_address(make_config, tmp_path):
-    from splitlora.deploy import serve
+    from splitlora.transport.deploy import serve
 
     cfg = make_config(RUN)
     with socket.socket() as taken:
@@ -349,8 +349,8 @@ def test_one_server_per_address(make_config, tmp_path):
 
 
 def test_a_second_grpc_server_cannot_share_the_port(make_config):
-    from splitlora.deploy import start_server
-    from splitlora.remote import Hub
+    from splitlora.transport.deploy import start_server
+    from splitlora.transport.server import Hub
 
     hub = Hub(1, 10.0, secure=False)
     server, port = start_server(hub, "127.0.0.1:0", None, insecure=True)
@@ -362,7 +362,7 @@ def test_a_second_grpc_server_cannot_share_the_port(make_config):
 
 
 def test_serve_checks_config_and_data_before_waiting_for_clients(make_config, tmp_path):
-    from splitlora.deploy import serve
+    from splitlora.transport.deploy import serve
     from splitlora.data import DataError
 
     cfg = make_config({**RUN, "data.train_file": str(tmp_path / "missing.csv"), "deploy.join_timeout_s": 600})
@@ -374,8 +374,9 @@ def test_serve_checks_config_and_data_before_waiting_for_clients(make_config, tm
 
 
 def test_message_limits_follow_the_model(make_config, tmp_path):
-    from splitlora.limits import message_limits
-    from splitlora.remote import BadMessage, Hub, pack, unpack
+    from splitlora.transport.limits import message_limits
+    from splitlora.transport.codec import BadMessage, pack, unpack
+    from splitlora.transport.server import Hub
     from splitlora.train import build_run
 
     cfg = make_config(RUN)
@@ -418,7 +419,7 @@ def test_large_bad_inputs_fail_fast_with_one_line(tmp_path, e2e_file, capsys):
 
 def test_a_client_refused_by_the_server_stops_at_once_and_an_unreachable_one_retries(make_config, certs,
                                                                                      tmp_path):
-    from splitlora.certs import create_certs
+    from splitlora.transport.certs import create_certs
 
     other = tmp_path / "other-ca"
     create_certs(other, 2)

@@ -106,7 +106,8 @@ def test_bf16_training_lowers_validation_loss_like_fp32(make_config, tmp_path):
 
 
 def test_a_bf16_message_is_validated_against_the_configured_dtype(make_config):
-    from splitlora.remote import BadMessage, Expectations, check_smashed
+    from splitlora.transport.checks import Expectations, check_smashed
+    from splitlora.transport.codec import BadMessage
 
     act = torch.randn(2, 5, 64)
     mask, labels = torch.ones(2, 5, dtype=torch.bool), torch.full((2, 5), 7, dtype=torch.int32)

@@ -14,7 +14,7 @@ from splitlora.config import ConfigError
 from splitlora.roles import Client, MainServer, OptimConfig, lm_loss
 from splitlora.split import split_u
 from splitlora.train import build_run
-from splitlora.wire import Link
+from splitlora.transport.local import Link
 
 
 class _Stream:
@@ -177,10 +177,10 @@ def test_ushape_errors_name_the_fields(make_config, tmp_path):
 def test_deployed_ushape_equals_simulator_and_sends_no_tokens(make_config, tmp_path, monkeypatch):
     """Over the network (mutual TLS, real client processes): the same losses and adapter as the
     simulator, and every message the server receives is free of token ids and labels."""
-    import splitlora.remote as remote
+    import splitlora.transport.server as remote
     from test_deploy import BASE, run_clients, start, wait_all
 
-    from splitlora.certs import create_certs
+    from splitlora.transport.certs import create_certs
 
     certs = tmp_path / "certs"
     create_certs(certs, 2)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import read_metrics, run_training
-from splitlora.wire import Link, decode, encode, smashed_message
+from splitlora.transport.codec import decode, encode, smashed_message
+from splitlora.transport.local import Link
 
 
 @pytest.mark.parametrize("precision,tol,ratio", [("fp32", 0.0, 1.0), ("fp16", 1e-3, 0.5), ("bf16", 1e-2, 0.5),

@@ -105,10 +105,10 @@ def train_or_reuse(cfg, run_dir, reuse: bool, log) -> dict:
     """The run's summary: read if `reuse` and run_dir holds a finished run of the same config, else trained."""
     import json
 
-    from ..compare import _same_config
+    from .compare import same_config
     from ..train import train
 
-    if reuse and (run_dir / "summary.json").exists() and _same_config(run_dir, cfg):
+    if reuse and (run_dir / "summary.json").exists() and same_config(run_dir, cfg):
         log(f" (read from {run_dir})")
         return json.loads((run_dir / "summary.json").read_text())
     log("")

@@ -148,7 +148,7 @@ def deploy(model_name: str = "smollm2-135m-instruct", steps: int = 6, split_laye
 
     import yaml
 
-    from ..certs import create_certs
+    from ..transport.certs import create_certs
 
     if steps <= skip + 1:
         raise ValueError(f"bench deploy: --steps must exceed {skip + 1} (the first {skip} are not timed)")

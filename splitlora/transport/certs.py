@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .errors import CertError
+from ..errors import CertError
 
 _CLIENT_CN = re.compile(r"client-(\d+)")
 

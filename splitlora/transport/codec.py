@@ -1,22 +1,25 @@
 """What crosses the client/server boundary, as bytes: safetensors on disk and on the wire, never pickle.
 
-`Link` is the in-process transport of the simulator: every message is really serialized and parsed
-back, so the byte counts are those of the serialized tensors and the receiver never shares memory
-with the sender. `LinkedClient` puts a client role behind a Link; the networked transport
-(`splitlora.remote.RemoteClient`) offers the same methods and sends the very same bytes.
-
-Activations and their gradients may travel at a lower precision (fp16, bf16, or int8 with one fp32
-scale per tensor); everything else (masks, labels, adapters) travels exactly.
+A message is a safetensors blob: its tensors plus metadata {"kind", "meta": JSON} (`pack`, `unpack`,
+which checks sizes before parsing anything). Activations and their gradients may travel at a lower
+precision (fp16, bf16, or int8 with one fp32 scale per tensor); everything else (masks, labels,
+adapters, base weights) travels exactly. The builders below give each command's tensors one layout
+that both transports use.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import struct
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from .limits import HELLO_HEADER
+
+SERVICE, METHOD = "splitlora.Split", "Session"
+FULL_METHOD = f"/{SERVICE}/{METHOD}"
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 LOSSY = ("activations", "activations_grad")   # the only tensors a lower wire precision applies to
 _SCALE = ".int8_scale"
@@ -125,100 +128,34 @@ def parse_fold(tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     return {p: (f["stacked_A"], f["stacked_B"]) for p, f in factors.items()}, rows
 
 
-@dataclass
-class Link:
-    """Counts bytes each way; `up` is client -> server, `down` is server -> client. `log` keeps
-    (client, kind, bytes) of each message since the last `take_log()`, for the cost model."""
-
-    precision: str = "fp32"
-    bytes_up: int = 0
-    bytes_down: int = 0
-    log: list = field(default_factory=list)
-
-    def up(self, tensors: dict[str, torch.Tensor], cid: int = -1, kind: str = "up") -> dict[str, torch.Tensor]:
-        data = encode(tensors, self.precision)
-        self.bytes_up += len(data)
-        self.log.append((cid, kind, len(data)))
-        return decode(data)
-
-    def down(self, tensors: dict[str, torch.Tensor], cid: int = -1, kind: str = "down") -> dict[str, torch.Tensor]:
-        data = encode(tensors, self.precision)
-        self.bytes_down += len(data)
-        self.log.append((cid, kind, len(data)))
-        return decode(data)
-
-    def take_log(self) -> list[tuple[int, str, int]]:
-        log, self.log = self.log, []
-        return log
-
-    def state_dict(self) -> dict:
-        return {"bytes_up": self.bytes_up, "bytes_down": self.bytes_down}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.bytes_up, self.bytes_down = state["bytes_up"], state["bytes_down"]
+class BadMessage(ValueError):
+    """A message that is not what the protocol expects here; the text says why."""
 
 
-class LinkedClient:
-    """A client role reached through a Link: what a strategy talks to in the simulator."""
+def pack(kind: str, tensors: dict | None = None, meta: dict | None = None, precision: str = "fp32") -> bytes:
+    return encode(tensors or {}, precision, {"kind": kind, "meta": json.dumps(meta or {})})
 
-    def __init__(self, client, link: Link):
-        self.client, self.link = client, link
-        self.cid = client.cid
 
-    num_samples = property(lambda self: self.client.num_samples)
-    num_trainable = property(lambda self: self.client.num_trainable)
-    compute_s = property(lambda self: self.client.compute_s)
-
-    last_shape = property(lambda self: self.client.last_shape)
-    frozen = property(lambda self: set(self.client.frozen))
-
-    def forward(self) -> tuple[dict[str, torch.Tensor], int]:
-        msg, n = self.client.forward()
-        return self.link.up(msg, self.cid, "smashed"), n
-
-    def backward(self, activations_grad: torch.Tensor | None, global_step: int) -> None:
-        """The activation gradient down (None: nothing is sent, the client only steps its top)."""
-        if activations_grad is not None:
-            activations_grad = self.link.down({"activations_grad": activations_grad}, self.cid, "grad")["activations_grad"]
-        self.client.backward(activations_grad, global_step)
-
-    def local_step(self, global_step: int):
-        return self.client.local_step(global_step)
-
-    def top_step(self, server_out: dict[str, torch.Tensor]):
-        """U-shape: the server's output down, the gradient of it up."""
-        down = self.link.down(server_out, self.cid, "server_activations")
-        reply, loss = self.client.top_step(down["activations"])
-        return self.link.up(reply, self.cid, "top_grad"), loss
-
-    def adapter_state(self) -> dict[str, torch.Tensor]:
-        return self.link.up(self.client.adapter_state(), self.cid, "adapter_up")
-
-    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.client.load_adapter_state(self.link.down(state, self.cid, "adapter_down"))
-
-    def set_frozen(self, keys) -> None:
-        """Freeze these adapter tensors on the client (DLoRA's killed modules): a command, no tensors."""
-        self.client.set_frozen(set(keys))
-
-    def set_layout(self, split: int, ranks: dict[str, int], adapter: dict[str, torch.Tensor],
-                   base: dict[str, torch.Tensor]) -> None:
-        """A heterogeneous client's part, ranks, starting adapter and base weights, down."""
-        down = self.link.down(layout_message(adapter, base), self.cid, "layout")
-        self.client.set_layout(split, ranks, *parse_layout(down))
-
-    def fold(self, factors, ranks: dict[str, int], rows: dict[str, torch.Tensor]) -> None:
-        """HSplitLoRA's round, down: the stacked factors of the client's modules, its new ranks and rows."""
-        down = self.link.down(fold_message(factors, rows), self.cid, "adapter_down")
-        factors, rows = parse_fold(down)
-        self.client.fold(factors, ranks, rows)
-
-    def peek_adapter_state(self) -> dict[str, torch.Tensor]:
-        """The whole adapter (frozen tensors too) for evaluation: a measurement, so nothing is counted."""
-        return self.client.peek_adapter_state()
-
-    def state_dict(self) -> dict:
-        return self.client.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.client.load_state_dict(state)
+def unpack(data: bytes, max_bytes: int, max_header: int = HELLO_HEADER) -> tuple[str, dict[str, torch.Tensor], dict]:
+    """(kind, tensors, meta) of a message, or BadMessage. Sizes are checked before anything is parsed."""
+    if len(data) > max_bytes:
+        raise BadMessage(f"message of {len(data)} bytes exceeds the {max_bytes}-byte limit")
+    if len(data) < 8:
+        raise BadMessage("not a splitlora message (shorter than a safetensors header)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > max_header:
+        raise BadMessage(f"a header of {n} bytes exceeds the {max_header}-byte bound for this run's messages")
+    try:
+        header = json.loads(data[8:8 + n])
+        info = header.get("__metadata__") or {}
+        kind, meta = info["kind"], json.loads(info.get("meta", "{}"))
+        tensors = st_load(data)
+    except Exception as e:  # noqa: BLE001 - any parse failure is the sender's fault
+        raise BadMessage(f"not a splitlora message ({type(e).__name__})") from None
+    try:
+        tensors = dequantize(tensors)
+    except ValueError as e:
+        raise BadMessage(str(e)) from None
+    if not isinstance(meta, dict):
+        raise BadMessage("message metadata is not a JSON object")
+    return kind, tensors, meta

@@ -1,6 +1,6 @@
 """`bench memory`: the peak memory of a client part and of a server part of large shapes (random
 weights, `shape:` presets) and the seconds of one training step at batch 1 x 256, each case in a fresh
-process (`python -m splitlora.bench.memory CASE`), so no case's memory counts in another's.
+process (`python -m splitlora.experiments.memory CASE`), so no case's memory counts in another's.
 
 A case is (shape, side, variant): the client holds the embeddings and blocks [0, k), the server blocks
 [k, L), the final norm and the LM head (a split at k = 2). Variants: fp32, bf16, bf16 with gradient
@@ -135,7 +135,7 @@ def memory(shapes=("llama-3.2-1b", "llama-3-8b"), sides=("client", "server"), va
                 log(f"bench memory: {shape} {side} {variant}")
                 args = json.dumps({"shape": shape, "side": side, "variant": variant, "split_layer": split_layer,
                                    "sets": list(sets)})
-                out = subprocess.run([sys.executable, "-m", "splitlora.bench.memory", args], capture_output=True,
+                out = subprocess.run([sys.executable, "-m", "splitlora.experiments.memory", args], capture_output=True,
                                      text=True, timeout=timeout_s)
                 if out.returncode != 0:
                     cases.append({"shape": shape, "side": side, "variant": variant, "measured": False,

@@ -37,7 +37,7 @@ def precision(config: str, sets=(), workdir: str | None = None, rss_steps: int =
         log(f"bench precision: peak memory of {name}")   # runs built below would weigh in the fork)
         path = root / f"{name}.yaml"
         path.write_text(json.dumps(cfg.to_dict()))
-        out = subprocess.run([sys.executable, "-m", "splitlora.bench.precision", str(path), str(rss_steps)],
+        out = subprocess.run([sys.executable, "-m", "splitlora.experiments.precision", str(path), str(rss_steps)],
                              capture_output=True, text=True, timeout=3600)
         if out.returncode != 0:
             raise RuntimeError(f"bench precision: {name}: {out.stderr.strip().splitlines()[-1:]}")
@@ -88,5 +88,5 @@ def _peak(config: str, steps: int) -> dict:
     return {"peak_rss_mib": peak_rss_bytes() / 2**20}
 
 
-if __name__ == "__main__":   # `python -m splitlora.bench.precision CONFIG STEPS`: JSON on the last line
+if __name__ == "__main__":   # `python -m splitlora.experiments.precision CONFIG STEPS`: JSON on the last line
     print(json.dumps(_peak(sys.argv[1], int(sys.argv[2]))))

@@ -14,8 +14,10 @@ from pathlib import Path
 import grpc
 
 from .certs import client_credentials, is_loopback, server_credentials, tls_refusal
-from .config import Config, ConfigError
-from .remote import METHOD, SERVICE, Hub, serve_client
+from ..config import Config, ConfigError
+from .client import serve_client
+from .codec import METHOD, SERVICE
+from .server import Hub
 
 def _host(address: str) -> str:
     host = address.rsplit(":", 1)[0]
@@ -30,10 +32,10 @@ def _port(address: str) -> int:
 
 
 def _check(cfg: Config, address: str, insecure: bool) -> None:
-    from .hsplit import STRATEGIES
+    from .. import strategies
 
-    if not STRATEGIES[cfg.strategy.name].deployable:
-        deployable = ", ".join(n for n, c in STRATEGIES.items() if c.deployable)
+    if not strategies.get(cfg.strategy.name).deployable:
+        deployable = ", ".join(n for n, c in strategies.all_strategies().items() if c.deployable)
         raise ConfigError(f"strategy.name: {cfg.strategy.name} cannot be deployed (deployable: {deployable})")
     if ":" not in address:
         raise ConfigError(f"address {address!r}: expected HOST:PORT")
@@ -93,8 +95,8 @@ def serve(cfg: Config, address: str, certs: str | None, output: str, resume: boo
 
     Everything that can be checked alone is checked before any client is waited for: the address, the
     certificates, the resume checkpoint, then the config, data and model (the run is built first)."""
-    from .checkpoint import latest_checkpoint
-    from .train import train
+    from ..checkpoint import latest_checkpoint
+    from ..train import train
 
     _check(cfg, address, insecure)
     if not insecure:
@@ -142,7 +144,7 @@ def client(cfg: Config, client_id: int, server_address: str, certs: str | None, 
     from tqdm import tqdm
 
     from .limits import message_limits
-    from .train import client_role
+    from ..train import client_role
 
     _check(cfg, server_address, insecure)
     if not insecure:
@@ -161,11 +163,11 @@ def client(cfg: Config, client_id: int, server_address: str, certs: str | None, 
             on_step.last = step
             log(f"client {client_id}: step {step}/{cfg.train.max_steps}")
 
-    from .hsplit import STRATEGIES
+    from .. import strategies
 
     shapes = {k: tuple(p.shape) for k, p in role.part.adapter.items()}
     max_bytes, max_header = message_limits(role.part.config.hidden_size, cfg.train.batch_size, cfg.data.max_length,
-                                           shapes, STRATEGIES[cfg.strategy.name].message_numel(role.part,
+                                           shapes, strategies.get(cfg.strategy.name).message_numel(role.part,
                                                                                                 cfg.strategy.num_clients))
     if cfg.deploy.max_message_mb is not None:
         max_bytes = cfg.deploy.max_message_mb << 20

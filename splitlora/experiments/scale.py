@@ -30,7 +30,7 @@ from .deploy import _deploy_config, _per_step, _step_times
 def scale(counts=(1, 2, 4, 8, 16), model: str = "tiny-llama", steps: int = 6, skip: int = 1, batch: int = 2,
           max_length: int = 256, interval: int = 3, workdir: str | None = None, timeout_s: float = 1800,
           sets=(), log=print) -> dict:
-    from ..certs import create_certs
+    from ..transport.certs import create_certs
 
     if steps <= skip + 1:
         raise ValueError(f"bench scale: --steps must exceed {skip + 1} (the first {skip} are not timed)")

@@ -22,14 +22,14 @@ from pathlib import Path
 
 import torch
 
-from .roles import clip_and_noise
+from ..roles import clip_and_noise
 
 
 @torch.no_grad()
 def activations(model, features: list[dict], depth: int, pad_id: int, batch: int = 16) -> tuple[torch.Tensor, ...]:
     """(activations [N, T, H], token ids [N, T], mask [N, T]) of blocks [0, depth) of a PEFT model."""
-    from . import data as D
-    from .split import make_part
+    from .. import data as D
+    from ..split import make_part
 
     part = make_part(model, 0, depth)
     part.eval()
@@ -55,9 +55,9 @@ def top_gradients(model, features: list[dict], top_layers: int, pad_id: int, bat
     """What a U-shaped client with the last `top_layers` blocks sends up, batch by batch as in training:
     (gradients of its loss w.r.t. the server's output [N, T, H], the token each position is trained to
     predict [N, T], mask of the positions with one [N, T])."""
-    from . import data as D
-    from .roles import lm_loss
-    from .split import make_part, num_layers
+    from .. import data as D
+    from ..roles import lm_loss
+    from ..split import make_part, num_layers
 
     total = num_layers(model.get_base_model().config)
     bottom, top = make_part(model, 0, total - top_layers), make_part(model, total - top_layers, total)
@@ -131,14 +131,14 @@ def attack(run_dir: str | Path, output: str | Path, depths=(1, 3, 6), noise_leve
     """Both channels a curious server reads: the smashed activations at each split depth, and (U-shape)
     the gradient a client with the last m blocks sends up, for m in `top_layers`. The gradient's clip
     norm is the run's privacy.grad_clip_norm, else the median per-example norm of the public gradients."""
-    from . import data as D
-    from .build import role_model
-    from .config import load_config, resolve_path
-    from .lora import apply_lora, lora_config
-    from .models import load_model
-    from .runtime import runtime_of
-    from .split import family_of, num_layers
-    from .train import load_examples
+    from .. import data as D
+    from ..build import role_model
+    from ..config import load_config, resolve_path
+    from ..lora import apply_lora, lora_config
+    from ..models import load_model
+    from ..runtime import runtime_of
+    from ..split import family_of, num_layers
+    from ..train import load_examples
 
     run_dir, out = Path(run_dir), Path(output)
     out.mkdir(parents=True, exist_ok=True)

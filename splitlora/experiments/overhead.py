@@ -16,7 +16,8 @@ import torch
 
 from ..roles import Learner, OptimConfig, lm_losses
 from ..split import full_part
-from ..strategies import Setup, SplitLoRA
+from ..strategies.base import Setup
+from ..strategies.splitlora import SplitLoRA
 
 
 def _features(n: int, seq: int, vocab: int, seed: int) -> list[dict]:

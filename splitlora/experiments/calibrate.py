@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from .config import Config
-from .cost import Profile, Shapes, part_flops, write_profiles
+from ..config import Config
+from ..cost import Profile, Shapes, part_flops, write_profiles
 
 
 def _time(fn, repeats: int, runtime=None) -> float:
@@ -38,10 +38,10 @@ def _time(fn, repeats: int, runtime=None) -> float:
 
 def fit(cfg: Config, lengths=(32, 64, 128), repeats: int = 3) -> dict:
     """Measured seconds and counted FLOPs of each part per batch length; effective FLOP/s of each."""
-    from .build import role_model
-    from .roles import lm_loss
-    from .runtime import runtime_of
-    from .split import split_model
+    from ..build import role_model
+    from ..roles import lm_loss
+    from ..runtime import runtime_of
+    from ..split import split_model
 
     torch.manual_seed(cfg.train.seed)
     rt = runtime_of(cfg, "server")   # the parts run where (and in the precision) the run's server would
@@ -90,7 +90,7 @@ def local_profiles(measured: dict) -> dict[str, Profile]:
 
 def check(cfg: Config, profiles_file: Path, steps: int, workdir: Path) -> dict:
     """Simulated vs measured step time of short in-process runs (sl; fedlora on one client)."""
-    from .train import train
+    from ..train import train
 
     out = {}
     for name in ("sl", "fedlora"):

@@ -16,15 +16,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .config import Config, ConfigError
-from .cost import part_memory_bytes
-from .hsplit import STRATEGIES
-
-PARALLEL = ("fedlora", "splitlora", "dlora", "hsplitlora", "hetlora")   # strategies whose step takes a batch from every client
+from ..config import Config, ConfigError
+from ..cost import part_memory_bytes
+from .. import strategies as registry
 
 
 def samples_per_step(cfg: Config, name: str) -> int:
-    return cfg.train.batch_size * (cfg.strategy.num_clients if name in PARALLEL else 1)
+    return cfg.train.batch_size * (cfg.strategy.num_clients if registry.get(name).parallel else 1)
 
 
 def strategy_config(cfg: Config, name: str, samples: int, eval_samples: int) -> Config:
@@ -36,8 +34,9 @@ def strategy_config(cfg: Config, name: str, samples: int, eval_samples: int) -> 
     train = cfg.train.model_copy(update={"max_steps": steps, "eval_interval": evals, "warmup_steps": warmup,
                                          "log_interval": min(cfg.train.log_interval, evals),
                                          "checkpoint_interval": steps})
-    strategy = cfg.strategy.model_copy(update={"name": name, "server_mode": "shared" if name == "sl"
-                                               else cfg.strategy.server_mode})
+    modes = registry.get(name).server_modes
+    strategy = cfg.strategy.model_copy(update={"name": name, "server_mode": cfg.strategy.server_mode
+                                               if cfg.strategy.server_mode in modes else modes[0]})
     return cfg.model_copy(update={"train": train, "strategy": strategy})
 
 
@@ -51,14 +50,15 @@ def client_memory_mib(cfg: Config, name: str, template, splits: list[int] | None
     PEFT model `template` (the same for every strategy of a comparison: loaded once): the deepest of
     `splits` (clients with their own split points, hsplitlora/hetlora) or model.split_layer, plus a
     U-shaped client's top blocks and head."""
-    from .cost import Shapes
-    from .split import full_part, split_model, split_u
+    from ..cost import Shapes
+    from ..split import full_part, split_model, split_u
 
-    if name == "cenlora":
+    cls = registry.get(name)
+    if cls.pooled:
         return 0.0   # the client only uploads its data
     s = Shapes.from_model(template)
     L, m, k = len(s.blocks), cfg.model.top_layers, max(splits) if splits else cfg.model.split_layer
-    if name == "fedlora":
+    if cls.whole_model:
         part, spans = full_part(template), [(0, L, True)]
     else:
         part = split_u(template, k, m)[0] if m else split_model(template, k)[0]
@@ -69,9 +69,9 @@ def client_memory_mib(cfg: Config, name: str, template, splits: list[int] | None
     return (part_memory_bytes(total, trainable, s, 0, 0, False, 1, 1) + acts) / 2**20
 
 
-def _same_config(run_dir: Path, cfg: Config) -> bool:
+def same_config(run_dir: Path, cfg: Config) -> bool:
     """Whether the run directory's config.yaml is `cfg` (defaults filled in by validation)."""
-    from .config import load_config
+    from ..config import load_config
 
     try:
         return load_config(run_dir / "config.yaml").to_dict() == cfg.to_dict()
@@ -82,7 +82,7 @@ def _same_config(run_dir: Path, cfg: Config) -> bool:
 def _profiles(cfg: Config) -> dict:
     from dataclasses import asdict
 
-    from .train import cost_profiles
+    from ..train import cost_profiles
 
     clients, server = cost_profiles(cfg)
     return {"clients": [asdict(p) for p in clients], "server": asdict(server)}
@@ -94,11 +94,11 @@ def compare(cfg: Config, strategies: list[str], output: str | Path, samples: int
     """Train every strategy (with `reuse`, a strategy whose run directory already has a summary.json
     of the same configuration is read instead of trained again), then compare."""
     from .report import write_report
-    from .train import train
+    from ..train import train
 
-    unknown = [s for s in strategies if s not in STRATEGIES]
+    unknown = [s for s in strategies if s not in registry.available()]
     if unknown or not strategies:
-        raise ConfigError(f"--strategies: unknown {unknown} (known: {', '.join(STRATEGIES)})")
+        raise ConfigError(f"--strategies: unknown {unknown} (known: {', '.join(registry.available())})")
     if target is None and "cenlora" not in strategies:
         raise ConfigError("--target: give a target validation loss, or include cenlora to derive it")
     out = Path(output)
@@ -114,7 +114,7 @@ def compare(cfg: Config, strategies: list[str], output: str | Path, samples: int
     for name in order:
         c, k = configs[name], samples_per_step(configs[name], name)
         done = out / name / "summary.json"
-        if reuse and done.exists() and _same_config(out / name, c):
+        if reuse and done.exists() and same_config(out / name, c):
             summary = json.loads(done.read_text())
             overall.update(c.train.max_steps * k)
         else:
@@ -132,8 +132,8 @@ def compare(cfg: Config, strategies: list[str], output: str | Path, samples: int
     if target is None:
         target = runs["cenlora"]["summary"]["best_val_loss"] * (1 + margin)
         rule = f"best cenlora validation loss x {1 + margin:g}"
-    from .build import role_model
-    from .runtime import runtime_of
+    from ..build import role_model
+    from ..runtime import runtime_of
 
     # for the memory estimates (model and LoRA are the same for every strategy)
     _, template = role_model(cfg, runtime_of(cfg, "server"))
