@@ -49,7 +49,7 @@ DOWN_KINDS = tuple(dict.fromkeys(c.down for c in COMMANDS.values() if c.down))
 
 @runtime_checkable
 class ClientHandle(Protocol):
-    """A client as a strategy reaches it. Methods raise `roles.ClientDropped` when the client is gone or
+    """A client as a strategy reaches it. Methods raise `learning.ClientDropped` when the client is gone or
     what it sent is refused; the strategy then goes on without it for the round."""
 
     cid: int

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from .contract import UP_KINDS
 from .errors import CostError
 
 
@@ -256,7 +257,9 @@ class StepWork:
         return sum(b for c, k, b in self.messages if c == cid and k == kind)
 
 
-UP_KINDS, DOWN_KINDS = ("smashed", "adapter_up", "data", "top_grad"), ("grad", "adapter_down", "server_activations")
+# what each message kind is: the message table (contract.COMMANDS) says it; "data" is cenlora's upload
+ROUND_KINDS = ("adapter_up", "adapter_down", "layout")   # at aggregations: after the step's batches
+STEP_KINDS = ("data", "smashed", "server_activations", "top_grad", "grad")   # within a step (see step_seconds)
 
 
 class CostModel:
@@ -330,13 +333,9 @@ class CostModel:
             t += max(done)
             self.client_flops += sum(fl("client", c, b, n).total + (fl("top", c, b, n).total if self.m else 0)
                                      for c, b, n in w.split)
-        t += max((self.transfer_s(c, "adapter_up", w.bytes_of(c, "adapter_up")) for c in cids), default=0.0)
-        t += max((self.transfer_s(c, "adapter_down", w.bytes_of(c, "adapter_down")) for c in cids), default=0.0)
+        for kind in ROUND_KINDS:
+            t += max((self.transfer_s(c, kind, w.bytes_of(c, kind)) for c in cids), default=0.0)
         return t
-
-    def describe(self) -> dict:
-        return {"clients": [asdict(p) for p in self.clients], "server": asdict(self.server),
-                "split_layer": self.k}
 
 
 def write_profiles(path: str | Path, profiles: dict[str, Profile]) -> None:

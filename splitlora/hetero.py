@@ -1,5 +1,6 @@
 """Heterogeneous-rank LoRA: aggregation of adapters of different ranks, importance-based rank allocation
-and split-point choice (the math only; no training loop).
+(the math only; no training loop; the split point is chosen from the cost model by
+`strategies.hsplitlora`).
 
 Why this module exists: in HSplitLoRA (arXiv 2505.02795) clients differ in compute and memory, so each
 client k trains LoRA adapters of its own rank r_k and holds its own number of layers. FedAvg of the A and B
@@ -8,14 +9,14 @@ updates: mean(B) @ mean(A) != mean(B @ A). The functions here are what a heterog
 
 - `stack`: noise-free aggregation. Concatenating the clients' factors gives factors of exactly
   ΔW = Σ_k p_k s_k B_k A_k (rank Σ_k r_k), with no cross terms B_i A_j.
-- `redistribute` (`factored_svd`, `truncate`, `aggregate`): the best rank-r approximation of that ΔW
+- `redistribute` (`factored_svd`, `truncate`, `aggregate`; FlexLoRA-style, not used by the strategies
+  yet: `hsplitlora` folds ΔW into the base instead): the best rank-r approximation of that ΔW
   (Eckart–Young), from a thin SVD computed on the factors, as LoRA factors for a client of rank r and
   scaling s, with what the truncation lost (relative error and the remainder as factors).
-- `hetlora_average`: the zero-padding baseline (HetLoRA-style), kept for comparison.
+- `hetlora_average`: the zero-padding baseline (HetLoRA-style; `strategies.hetlora`).
 - `taylor_importance`, `ImportanceTracker`, `total_variation`: first-order Taylor importance of target
   weights, smoothed over steps, and whether its distribution has moved.
 - `allocate_ranks`: ranks per target weight within a parameter budget, more rank to more important weights.
-- `choose_split`: the deepest split layer whose client-side cost fits a device's budget.
 
 Conventions: a LoRA module's update is ΔW = s · B @ A with A: [r, in], B: [out, r] and s the scaling
 (alpha / r, or alpha / sqrt(r) with rsLoRA), always passed explicitly. Client weights (e.g. sample counts)
@@ -322,28 +323,3 @@ def allocate_ranks(importance: Mapping[str, float], budget_params: int, shapes: 
         if ranks[n] < cap[n]:
             heapq.heappush(heap, (-imp[n] / (cost[n] * (ranks[n] + 1)), n))
     return ranks
-
-
-def choose_split(layer_costs: Sequence[float], budget: float, *, fixed_cost: float = 0.0, min_layer: int = 1,
-                 max_layer: int | None = None) -> int:
-    """Deepest split k in [min_layer, max_layer] whose client cost fits: fixed_cost + Σ_{l<k} layer_costs[l]
-    <= budget. The client holds embeddings (fixed_cost) and blocks [0, k); costs are any additive per-device
-    measure (FLOPs per step, bytes of memory). max_layer defaults to L − 1 so the server keeps at least one
-    block, as `split.split_model` requires (1 <= k < L)."""
-    n = len(layer_costs)
-    costs = [float(c) for c in layer_costs]
-    if any(not math.isfinite(c) or c < 0 for c in costs) or not math.isfinite(fixed_cost) or fixed_cost < 0:
-        raise ValueError("layer costs and fixed_cost must be finite and >= 0")
-    hi = n - 1 if max_layer is None else max_layer
-    if not 0 <= min_layer <= hi <= n:
-        raise ValueError(f"need 0 <= min_layer <= max_layer <= {n} layers, got min_layer={min_layer}, "
-                         f"max_layer={hi}")
-    used = fixed_cost + sum(costs[:min_layer])
-    if used > budget:
-        raise ValueError(f"budget {budget:g} is below the client cost {used:g} of the shallowest allowed split "
-                         f"(k={min_layer}: fixed cost + layers [0, {min_layer}))")
-    k = min_layer
-    while k < hi and used + costs[k] <= budget:
-        used += costs[k]
-        k += 1
-    return k

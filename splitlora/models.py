@@ -161,10 +161,10 @@ def _to_meta(model: PreTrainedModel, keep: Keep) -> None:
             module_name, _, attr = name.rpartition(".")
             module = model.get_submodule(module_name)
             module._parameters[attr] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
-    _tie(model)
+    tie_weights(model)
 
 
-def _tie(model: PreTrainedModel) -> None:
+def tie_weights(model: PreTrainedModel) -> None:
     """Re-tie the LM head to the input embeddings if the config ties them (assignment unties them)."""
     if getattr(model.config, "tie_word_embeddings", False):
         out, inp = model.get_output_embeddings(), model.get_input_embeddings()
@@ -173,7 +173,7 @@ def _tie(model: PreTrainedModel) -> None:
 
 
 @contextlib.contextmanager
-def _parameters_on_meta():
+def parameters_on_meta():
     """Every parameter registered inside lives on the meta device; buffers (rotary inverse
     frequencies, position ids) are computed on the CPU as usual, so they hold their real values.
     (Patches nn.Module.register_parameter for the duration: build nothing else in other threads.)"""
@@ -215,7 +215,7 @@ def _load_partial(path: Path, keep: Keep, dtype: torch.dtype) -> PreTrainedModel
     config = AutoConfig.from_pretrained(path)
     if files is None:   # no safetensors (e.g. pytorch_model.bin): load everything, then free
         return _load_then_free(path, keep, dtype)
-    with _parameters_on_meta():
+    with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     names = kept_names(model, keep) & set(model.state_dict())   # non-persistent buffers are computed
     # a tied tensor has several names; the checkpoint stores it under one of them (SmolLM2: the embedding's)
@@ -242,7 +242,7 @@ def _load_partial(path: Path, keep: Keep, dtype: torch.dtype) -> PreTrainedModel
                     t = f.get_tensor(k)
                     state[n] = t.to(dtype) if t.is_floating_point() else t
     model.load_state_dict(state, strict=False, assign=True)
-    _tie(model)
+    tie_weights(model)
     for p in model.parameters():
         p.requires_grad_(True)   # as from_pretrained leaves them; PEFT freezes the base
     return model

@@ -55,7 +55,7 @@ def _init(name: str, t: torch.Tensor, seed: int) -> None:
 def shape_model(name: str, keep, dtype: torch.dtype, device, seed: int = 0, tokenizer=None, quantize=None):
     """A LoadedModel of preset `name` (`shape:` prefix) with the `keep` parts (models.Keep; None: all)
     materialised; `quantize(block)` is applied to each kept block right after it is materialised."""
-    from .models import Keep, LoadedModel, _parameters_on_meta, _tie, kept_names, to_device
+    from .models import Keep, LoadedModel, parameters_on_meta, tie_weights, kept_names, to_device
     from .split import family_of
 
     key = name.removeprefix("shape:")
@@ -65,7 +65,7 @@ def shape_model(name: str, keep, dtype: torch.dtype, device, seed: int = 0, toke
     tok = tokenizer
     if tok is not None:
         config.pad_token_id, config.eos_token_id = tok.pad_token_id, tok.eos_token_id
-    with _parameters_on_meta():
+    with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     keep = keep or Keep(range(config.num_hidden_layers))
     wanted = kept_names(model, keep)
@@ -88,7 +88,7 @@ def shape_model(name: str, keep, dtype: torch.dtype, device, seed: int = 0, toke
             quantize(block)
     materialise(model)   # embeddings, norms, head
     to_device(model, device)   # the buffers (rotary tables) were computed on the CPU at construction
-    _tie(model)
+    tie_weights(model)
     if quantize is not None:
         from .quantize import mark
         mark(model, quantize.method)

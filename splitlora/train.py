@@ -12,7 +12,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -29,8 +29,8 @@ from .runtime import DTYPES, Runtime, runtime_of
 from .cost import CostError, CostModel, Profile, Shapes, load_profiles, resolve
 from .build import role_model
 from .lora import load_into
-from .roles import FedServer, Loss, OptimConfig, Privacy, lm_loss
-from .roles import Client
+from .learning import Loss, OptimConfig, Privacy, lm_loss
+from .roles import Client, FedServer
 from .split import client_part, full_part, num_layers
 from . import strategies
 from .strategies.base import Setup, Strategy, make_client
@@ -232,6 +232,69 @@ def _loss(x) -> Loss:
     return Loss(*x) if isinstance(x, (list, tuple)) else Loss(x, float("nan"))
 
 
+@dataclass
+class Tally:
+    """What the run loop counts (steps, wall and simulated seconds, samples, the last validation loss, the
+    training losses since the last record), how it records them (metrics.jsonl) and checkpoints them."""
+
+    run: Run
+    out: Path
+    start: int = 0
+    wall: float = 0.0
+    sim: float = 0.0
+    samples: int = 0
+    last_val: float | None = None
+    losses: list = field(default_factory=list)
+
+    def restore(self, state: dict, resume: Path) -> None:
+        strategy = self.run.strategy
+        strategy.load_state_dict(state["strategy"])
+        torch.set_rng_state(state["rng"])
+        self.start, self.wall, self.samples = state["step"], state["wall_s"], state["samples_seen"]
+        self.last_val, self.sim = state["val_loss"], state.get("sim_s", 0.0)
+        self.run.cost.client_flops = state.get("client_flops", 0.0)
+        self.losses = [_loss(x) for x in state["pending_losses"]]
+        carry_metrics(resume / "metrics.jsonl", self.out / "metrics.jsonl", self.start)
+
+    def record(self, step: int, train_loss: Loss | None, val_loss: float | None) -> dict:
+        strategy = self.run.strategy
+        client_s, server_s = strategy.compute
+        rec = {"step": step, "round": strategy.rounds, "strategy": strategy.name,
+               "train_loss": train_loss.smoothed if train_loss else None,
+               "train_ce": train_loss.ce if train_loss else None, "val_loss": val_loss,
+               "val_ppl": math.exp(val_loss) if val_loss is not None else None,
+               "bytes_up": strategy.s.link.bytes_up, "bytes_down": strategy.s.link.bytes_down,
+               "samples_seen": self.samples, "wall_s": round(self.wall, 4), "sim_time_s": round(self.sim, 9),
+               "client_compute_s": round(client_s, 4), "server_compute_s": round(server_s, 4),
+               "live_clients": len(strategy.live()), "dropouts": len(strategy.dropouts),
+               "client_flops": self.run.cost.client_flops, "skipped_updates": strategy.skipped_updates,
+               "refused_updates": strategy.refused_updates, **strategy.extra_metrics()}
+        with (self.out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        return rec
+
+    def checkpoint(self, step: int) -> None:
+        save_checkpoint(self.out / "checkpoint", {
+            "step": step, "strategy": self.run.strategy.state_dict(), "rng": torch.get_rng_state(),
+            "wall_s": self.wall, "sim_s": self.sim, "client_flops": self.run.cost.client_flops,
+            "samples_seen": self.samples, "val_loss": self.last_val, "pending_losses": [list(x) for x in self.losses]})
+
+    def summary(self) -> dict:
+        """Export the adapter; summary.json: the last record, the validation losses, what the strategy adds."""
+        strategy, out = self.run.strategy, self.out
+        export_info = strategy.export_to(out / "adapter", self.run.template)
+        client_params, server_params = strategy.trainable_counts()
+        records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln]
+        vals = [r["val_loss"] for r in records if r["val_loss"] is not None]
+        summary = {**records[-1], "initial_val_loss": vals[0] if vals else None, "final_val_loss": self.last_val,
+                   "best_val_loss": min(vals) if vals else None, "model": self.run.cfg.model.name,
+                   "client_trainable_params": client_params, "server_trainable_params": server_params,
+                   "dropout_events": strategy.dropouts, **export_info, **strategy.summary(),
+                   "adapter": str(out / "adapter")}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+
 def train(cfg: Config, output: str | Path, resume: str | Path | None = None,
           on_step: Callable[[int], None] | None = None, progress: bool = True, hub=None,
           bar_position: int = 0, overwrite: bool = False, on_built: Callable | None = None) -> dict:
@@ -254,51 +317,20 @@ def train(cfg: Config, output: str | Path, resume: str | Path | None = None,
     remove_partial(out / "checkpoint")   # what interrupted checkpoint writes left
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
-    start, wall, sim, samples, last_val = 0, 0.0, 0.0, 0, None
+    tally = Tally(run, out)
     if hub is not None:
         hub.start_step = state["step"] if state is not None else 0
         if state is None:   # clients still holding an earlier run's state start over
             for c in strategy.clients:
                 strategy.guarded(-1, c, lambda c: c.reset_if_ahead())
     if state is not None:
-        strategy.load_state_dict(state["strategy"])
-        torch.set_rng_state(state["rng"])
-        start, wall, samples, last_val = state["step"], state["wall_s"], state["samples_seen"], state["val_loss"]
-        sim = state.get("sim_s", 0.0)
-        run.cost.client_flops = state.get("client_flops", 0.0)
-        losses = [_loss(x) for x in state["pending_losses"]]
-        carry_metrics(Path(resume) / "metrics.jsonl", out / "metrics.jsonl", start)
+        tally.restore(state, Path(resume))
     else:
         (out / "metrics.jsonl").write_text("")
-        losses: list[Loss] = []   # training losses since the last record
+        tally.last_val = validation_loss(run)
+        tally.record(0, None, tally.last_val)
 
-    def record(step: int, train_loss: Loss | None, val_loss: float | None) -> dict:
-        client_s, server_s = strategy.compute
-        rec = {"step": step, "round": strategy.rounds, "strategy": strategy.name,
-               "train_loss": train_loss.smoothed if train_loss else None,
-               "train_ce": train_loss.ce if train_loss else None, "val_loss": val_loss,
-               "val_ppl": math.exp(val_loss) if val_loss is not None else None,
-               "bytes_up": strategy.s.link.bytes_up, "bytes_down": strategy.s.link.bytes_down,
-               "samples_seen": samples, "wall_s": round(wall, 4), "sim_time_s": round(sim, 9),
-               "client_compute_s": round(client_s, 4), "server_compute_s": round(server_s, 4),
-               "live_clients": len(strategy.live()), "dropouts": len(strategy.dropouts),
-               "client_flops": run.cost.client_flops, "skipped_updates": strategy.skipped_updates,
-               "refused_updates": strategy.refused_updates, **strategy.extra_metrics()}
-        with (out / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(rec) + "\n")
-        return rec
-
-    def checkpoint(step: int) -> None:
-        save_checkpoint(out / "checkpoint", {
-            "step": step, "strategy": strategy.state_dict(), "rng": torch.get_rng_state(),
-            "wall_s": wall, "sim_s": sim, "client_flops": run.cost.client_flops, "samples_seen": samples,
-            "val_loss": last_val, "pending_losses": [list(x) for x in losses]})
-
-    if start == 0:
-        last_val = validation_loss(run)
-        record(0, None, last_val)
-
-    bar = tqdm(range(start, tcfg.max_steps), initial=start, total=tcfg.max_steps, desc=strategy.name,
+    bar = tqdm(range(tally.start, tcfg.max_steps), initial=tally.start, total=tcfg.max_steps, desc=strategy.name,
                disable=not progress, dynamic_ncols=True, position=bar_position, leave=bar_position == 0)
     with StopRequest() as stop:
         for t in bar:
@@ -306,42 +338,29 @@ def train(cfg: Config, output: str | Path, resume: str | Path | None = None,
             loss, n = strategy.step(t)
             if t == tcfg.max_steps - 1:
                 strategy.finish(t)
-            wall += time.perf_counter() - t0
-            sim += run.cost.step_seconds(strategy.take_work())
-            samples += n
-            losses.append(loss)
+            tally.wall += time.perf_counter() - t0
+            tally.sim += run.cost.step_seconds(strategy.take_work())
+            tally.samples += n
+            tally.losses.append(loss)
             step = t + 1
             last = step == tcfg.max_steps
             val = None
             if step % tcfg.eval_interval == 0 or last:
-                val = last_val = validation_loss(run)
+                val = tally.last_val = validation_loss(run)
             if step % tcfg.log_interval == 0 or val is not None:
-                mean = Loss.mean(losses)
-                record(step, mean, val)
-                bar.set_postfix(loss=f"{mean.smoothed:.3f}", ce=f"{mean.ce:.3f}", val=f"{last_val:.3f}")
-                losses = []
+                mean = Loss.mean(tally.losses)
+                tally.record(step, mean, val)
+                bar.set_postfix(loss=f"{mean.smoothed:.3f}", ce=f"{mean.ce:.3f}", val=f"{tally.last_val:.3f}")
+                tally.losses = []
             saved = step % tcfg.checkpoint_interval == 0 or last or stop.signal
             if saved:
-                checkpoint(step)
+                tally.checkpoint(step)
             if on_step:
                 on_step(step)
             if stop.signal and not last:
                 if not saved:
-                    checkpoint(step)
+                    tally.checkpoint(step)
                 bar.close()
                 raise Interrupted(step, out / "checkpoint", stop.signal)
     bar.close()
-
-    export_info = {}
-    export_info = strategy.export_to(out / "adapter", run.template)
-    client_params, server_params = strategy.trainable_counts()
-    records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln]
-    vals = [r["val_loss"] for r in records if r["val_loss"] is not None]
-    summary = {**records[-1], "initial_val_loss": vals[0] if vals else None, "final_val_loss": last_val,
-               "best_val_loss": min(vals) if vals else None, "model": cfg.model.name,
-               "client_trainable_params": client_params, "server_trainable_params": server_params,
-               "dropout_events": strategy.dropouts, **export_info,
-               **strategy.summary(),
-               "adapter": str(out / "adapter")}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    return tally.summary()

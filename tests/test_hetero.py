@@ -13,7 +13,6 @@ from splitlora.hetero import (
     ImportanceTracker,
     aggregate,
     allocate_ranks,
-    choose_split,
     hetlora_average,
     redistribute,
     stack,
@@ -225,17 +224,3 @@ def test_allocate_ranks_respects_budget_and_caps():
         allocate_ranks(importance, 1000, shapes, r_min=2)
     with pytest.raises(ValueError, match="same modules"):
         allocate_ranks({"q": 1.0}, budget, shapes)
-
-
-def test_choose_split():
-    costs = [1.0] * 8                                      # 8 equal blocks, embeddings cost 2
-    assert choose_split(costs, 4.0, fixed_cost=2.0) == 2
-    assert choose_split(costs, 4.5, fixed_cost=2.0) == 2
-    assert choose_split(costs, 100.0, fixed_cost=2.0) == 7          # server keeps at least one block
-    assert choose_split(costs, 100.0, fixed_cost=2.0, max_layer=5) == 5
-    assert choose_split(costs, 4.0, fixed_cost=2.0) < choose_split(costs, 8.0, fixed_cost=2.0)
-    assert choose_split([3.0, 1.0, 1.0, 5.0], 5.0) == 3
-    with pytest.raises(ValueError, match="shallowest allowed split"):
-        choose_split(costs, 2.5, fixed_cost=2.0)
-    with pytest.raises(ValueError, match="min_layer"):
-        choose_split(costs, 100.0, min_layer=9)

@@ -17,7 +17,7 @@ from splitlora.config import ConfigError
 from splitlora.split import lora_layers
 from splitlora.models import tiny_model
 from splitlora import data as D
-from splitlora.roles import lm_loss
+from splitlora.learning import lm_loss
 from splitlora.train import build_run
 
 def _modules(part):

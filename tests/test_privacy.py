@@ -11,7 +11,7 @@ import torch
 from conftest import read_metrics, run_training
 
 from splitlora.config import ConfigError
-from splitlora.roles import Privacy
+from splitlora.learning import Privacy
 from splitlora.train import build_run
 
 

@@ -14,7 +14,7 @@ from conftest import read_metrics, run_training
 from splitlora.config import ConfigError
 from splitlora.lora import apply_lora, lora_config
 from splitlora.models import Keep, byte_tokenizer, load_model, tiny_model
-from splitlora.roles import lm_loss
+from splitlora.learning import lm_loss
 from splitlora.runtime import Runtime, resolve_device, runtime_of
 from splitlora.split import set_checkpointing, split_model
 

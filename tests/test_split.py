@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, OPTConfig
 
 from splitlora.lora import apply_lora, lora_config
 from splitlora.models import tiny_model
-from splitlora.roles import lm_loss
+from splitlora.learning import lm_loss
 from splitlora.split import SplitError, family_of, split_model
 
 FAMILIES = ["gpt2", "llama"]

@@ -254,7 +254,7 @@ class FlakyTransport:
         def call(*args, **kwargs):
             self.calls += 1
             if self.calls in self.fail_steps:
-                from splitlora.roles import ClientDropped
+                from splitlora.learning import ClientDropped
                 raise ClientDropped(f"client {self.cid}: deadline missed (test)")
             return attr(*args, **kwargs)
         return call

@@ -11,7 +11,8 @@ from peft import get_peft_model_state_dict
 from test_split import lora_model, peft_key, right_padded_batch
 
 from splitlora.config import ConfigError
-from splitlora.roles import Client, MainServer, OptimConfig, lm_loss
+from splitlora.learning import OptimConfig, lm_loss
+from splitlora.roles import Client, MainServer
 from splitlora.split import split_u
 from splitlora.train import build_run
 from splitlora.transport.local import Link

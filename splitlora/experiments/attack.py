@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..roles import clip_and_noise
+from ..learning import clip_and_noise
 
 
 @torch.no_grad()
@@ -56,7 +56,7 @@ def top_gradients(model, features: list[dict], top_layers: int, pad_id: int, bat
     (gradients of its loss w.r.t. the server's output [N, T, H], the token each position is trained to
     predict [N, T], mask of the positions with one [N, T])."""
     from .. import data as D
-    from ..roles import lm_loss
+    from ..learning import lm_loss
     from ..split import make_part, num_layers
 
     total = num_layers(model.get_base_model().config)

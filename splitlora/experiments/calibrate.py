@@ -39,7 +39,7 @@ def _time(fn, repeats: int, runtime=None) -> float:
 def fit(cfg: Config, lengths=(32, 64, 128), repeats: int = 3) -> dict:
     """Measured seconds and counted FLOPs of each part per batch length; effective FLOP/s of each."""
     from ..build import role_model
-    from ..roles import lm_loss
+    from ..learning import lm_loss
     from ..runtime import runtime_of
     from ..split import split_model
 

@@ -102,14 +102,14 @@ class ByteRelay:
         self._listener.close()
 
 
-def _step_times(records: list[dict], skip: int) -> dict:
+def step_times(records: list[dict], skip: int) -> dict:
     walls = {r["step"]: r["wall_s"] for r in records}
     deltas = [walls[s] - walls[s - 1] for s in sorted(walls) if s > 0 and s - 1 in walls]
     kept = deltas[skip:]
     return {"step_s": statistics.mean(kept), "step_s_median": statistics.median(kept), "step_s_all": deltas}
 
 
-def _per_step(records: list[dict], skip: int) -> dict:
+def per_step(records: list[dict], skip: int) -> dict:
     """Mean seconds per step of client compute (summed over clients), server compute and the rest
     (transport, serialization, waiting) over the timed steps."""
     by_step = {r["step"]: r for r in records}
@@ -120,7 +120,7 @@ def _per_step(records: list[dict], skip: int) -> dict:
     return out
 
 
-def _deploy_config(model: str, steps: int, split_layer: int, batch: int, max_length: int, precision: str,
+def deploy_config(model: str, steps: int, split_layer: int, batch: int, max_length: int, precision: str,
                    num_clients: int, interval: int, seed: int, strategy: str = "splitlora") -> dict:
     return {
         "model": {"name": model, "split_layer": split_layer},
@@ -159,7 +159,7 @@ def deploy(model_name: str = "smollm2-135m-instruct", steps: int = 6, split_laye
         create_certs(certs, num_clients, overwrite=True)
 
     def config(precision: str, strategy: str = "splitlora", max_steps: int = steps) -> Path:
-        tree = _deploy_config(model_name, max_steps, split_layer, batch, max_length, precision, num_clients,
+        tree = deploy_config(model_name, max_steps, split_layer, batch, max_length, precision, num_clients,
                               interval, seed, strategy)
         path = root / f"{strategy}-{precision}-{max_steps}.yaml"
         path.write_text(yaml.safe_dump(tree, sort_keys=False))
@@ -237,13 +237,13 @@ def deploy(model_name: str = "smollm2-135m-instruct", steps: int = 6, split_laye
         clean = [s for s in clean_steps() if s in snaps and s - 1 in snaps]
         socket_training = sum(snaps[s] - snaps[s - 1] for s in clean)
         accounted_training = sum(sim_by_step[s] - sim_by_step[s - 1] for s in clean)
-        sim_t, dep_t = _step_times(sim_recs, skip), _step_times(dep_recs, skip)
+        sim_t, dep_t = step_times(sim_recs, skip), step_times(dep_recs, skip)
         return {
             "step_ratio": dep_t["step_s"] / sim_t["step_s"],
             "step_ratio_median": dep_t["step_s_median"] / sim_t["step_s_median"],
             "deployed_step_s": dep_t["step_s"], "in_process_step_s": sim_t["step_s"],
             "deployed_step_s_all": dep_t["step_s_all"], "in_process_step_s_all": sim_t["step_s_all"],
-            "seconds_per_step": {"deployed": _per_step(dep_recs, skip), "in_process": _per_step(sim_recs, skip)},
+            "seconds_per_step": {"deployed": per_step(dep_recs, skip), "in_process": per_step(sim_recs, skip)},
             "wire_over_accounted_run": socket / accounted,
             "wire_over_accounted_training": socket_training / accounted_training if accounted_training else None,
             "messages_over_accounted_run": messages / accounted,

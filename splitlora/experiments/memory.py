@@ -34,7 +34,7 @@ def run_case(shape: str, side: str, variant: str, split_layer: int = 2, seq: int
     from ..build import role_model
     from ..config import load_config
     from ..data import collate
-    from ..roles import Learner, OptimConfig, lm_losses
+    from ..learning import Learner, OptimConfig, lm_losses
     from ..runtime import runtime_of
     from ..split import make_part, num_layers
 
@@ -89,12 +89,12 @@ def _part_params(shape: str, side: str, split_layer: int) -> int:
     """Parameters of a part, from the shape's config alone (no weights)."""
     from transformers import AutoModelForCausalLM
 
-    from ..models import _parameters_on_meta
+    from ..models import parameters_on_meta
     from ..shapes import SHAPES
     from ..split import family_of
 
     config = SHAPES[shape]()
-    with _parameters_on_meta():
+    with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config)
     mods = family_of(config).modules(model)
     blocks = list(mods["blocks"])

@@ -19,7 +19,7 @@ def noisy_validation_loss(cfg, run_dir, seed: int = 0) -> float:
 
     from .. import data as D
     from ..build import role_model
-    from ..roles import clip_and_noise
+    from ..learning import clip_and_noise
     from ..runtime import runtime_of
     from ..split import family_of
     from ..train import load_examples, model_loss

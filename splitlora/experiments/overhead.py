@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from ..roles import Learner, OptimConfig, lm_losses
+from ..learning import Learner, OptimConfig, lm_losses
 from ..split import full_part
 from ..strategies.base import Setup
 from ..strategies.splitlora import SplitLoRA

@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from .common import cpu_mark, metrics, run_processes, server_port, spawn
-from .deploy import _deploy_config, _per_step, _step_times
+from .deploy import deploy_config, per_step, step_times
 
 
 def scale(counts=(1, 2, 4, 8, 16), model: str = "tiny-llama", steps: int = 6, skip: int = 1, batch: int = 2,
@@ -41,7 +41,7 @@ def scale(counts=(1, 2, 4, 8, 16), model: str = "tiny-llama", steps: int = 6, sk
     runs = {}
     for n in counts:
         log(f"bench scale: {n} client process(es)")
-        tree = _deploy_config(model, steps, 1, batch, max_length, "fp32", n, interval, 0)
+        tree = deploy_config(model, steps, 1, batch, max_length, "fp32", n, interval, 0)
         cfg_path = root / f"scale-{n}.yaml"
         cfg_path.write_text(yaml.safe_dump(tree, sort_keys=False))
         out = root / f"run-{n}"
@@ -58,8 +58,8 @@ def scale(counts=(1, 2, 4, 8, 16), model: str = "tiny-llama", steps: int = 6, sk
         usage = run_processes(procs, timeout_s, mark=mark)
         records = metrics(out)
         summary = json.loads((out / "summary.json").read_text())
-        timed = _step_times(records, skip)
-        parts = _per_step(records, skip)
+        timed = step_times(records, skip)
+        parts = per_step(records, skip)
         wire = summary["wire"]["per_client"]
         by_step = {r["step"]: r for r in records}
         step_bytes = (by_step[steps]["bytes_up"] + by_step[steps]["bytes_down"]

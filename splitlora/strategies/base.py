@@ -17,7 +17,8 @@ from .. import robust
 from ..cost import StepWork
 from ..data import BatchStream
 from ..errors import RunError
-from ..roles import BadUpdate, Client, ClientDropped, FedServer, Loss, MainServer, OptimConfig, Privacy, all_finite, lr_at
+from ..learning import BadUpdate, ClientDropped, Loss, OptimConfig, Privacy, all_finite, lr_at
+from ..roles import Client, FedServer, MainServer
 from ..runtime import Runtime
 from ..split import ModelPart, client_part
 from ..transport.local import Link, LinkedClient

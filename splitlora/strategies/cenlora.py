@@ -9,6 +9,8 @@ from .base import Strategy, Setup, whole_model_only
 
 
 class CenLoRA(Strategy):
+    """One whole-model learner on the pooled data of every client."""
+
     name = "cenlora"
     deployable, whole_model, parallel, pooled = False, True, False, True
 

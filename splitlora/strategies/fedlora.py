@@ -10,6 +10,8 @@ from .base import Strategy, Setup, whole_model_only
 
 
 class FedLoRA(Strategy):
+    """Whole-model clients, FedAvg of their adapters."""
+
     name = "fedlora"
     whole_model = True
 

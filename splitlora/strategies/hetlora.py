@@ -7,7 +7,7 @@ import torch
 
 from .. import hetero
 from ..errors import RunError
-from .hsplitlora import HSplitLoRA, _cut
+from .hsplitlora import HSplitLoRA, cut_to_rank
 from .splitlora import SplitLoRA
 
 
@@ -30,7 +30,7 @@ class HetLoRA(HSplitLoRA):
         out = {}
         for mod in self._client_mods(cid):
             p, r = self.prefix[mod], self.ranks[cid][mod]
-            out[f"{p}.lora_A.weight"], out[f"{p}.lora_B.weight"] = _cut(
+            out[f"{p}.lora_A.weight"], out[f"{p}.lora_B.weight"] = cut_to_rank(
                 self.average[f"{p}.lora_A.weight"], self.average[f"{p}.lora_B.weight"], r)
         return out
 

@@ -46,7 +46,7 @@ def _factors(layer) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
     return layer.lora_A["default"].weight, layer.lora_B["default"].weight
 
 
-def _cut(a: torch.Tensor, b: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+def cut_to_rank(a: torch.Tensor, b: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     return a[:r], b[:, :r]
 
 
@@ -183,7 +183,7 @@ class HSplitLoRA(SplitLoRA):
         out = {}
         for mod in self._client_mods(cid):
             p = self.prefix[mod]
-            a, b = _cut(self.initial[f"{p}.lora_A.weight"], self.initial[f"{p}.lora_B.weight"], self.ranks[cid][mod])
+            a, b = cut_to_rank(self.initial[f"{p}.lora_A.weight"], self.initial[f"{p}.lora_B.weight"], self.ranks[cid][mod])
             out[f"{p}.lora_A.weight"], out[f"{p}.lora_B.weight"] = a, b
         return out
 

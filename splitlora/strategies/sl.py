@@ -3,7 +3,7 @@ every `strategy.aggregation_interval` steps the client adapter passes to the nex
 
 from __future__ import annotations
 
-from ..roles import Loss
+from ..learning import Loss
 from .base import Setup
 from .splitlora import SplitLoRA
 

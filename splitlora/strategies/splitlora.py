@@ -5,13 +5,16 @@ every `strategy.aggregation_interval` steps."""
 
 from __future__ import annotations
 
-from ..roles import Loss, MainServer, fedavg
+from ..learning import Loss
+from ..roles import MainServer, fedavg
 from ..split import split_model, split_u
 from .base import Setup, Strategy
 from .fedlora import FedLoRA
 
 
 class SplitLoRA(FedLoRA):
+    """Split clients (bottom, or bottom and top), one main server, FedAvg of the client adapters."""
+
     name = "splitlora"
     whole_model = False
 

@@ -15,11 +15,11 @@ from .codec import BadMessage
 from .limits import ValueBounds, check_values
 
 
-def _number(x) -> bool:
+def is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and abs(float(x)) < float("inf")
 
 
-def _count(x) -> int:
+def count_of(x) -> int:
     """x if it is an int in [1, 2**31), else 0."""
     return x if isinstance(x, int) and not isinstance(x, bool) and 1 <= x < 2 ** 31 else 0
 
@@ -92,7 +92,7 @@ def check_adapter(t: dict[str, torch.Tensor], e: Expectations, frozen=frozenset(
 
 def _check_smashed_reply(out, meta, sent, e, frozen):
     check_smashed(out, e)
-    if _count(meta.get("n")) != out["activations"].shape[0]:
+    if count_of(meta.get("n")) != out["activations"].shape[0]:
         raise BadMessage("smashed reply: n must be the batch size")
     return out
 
@@ -103,14 +103,14 @@ def _check_adapter_reply(out, meta, sent, e, frozen):
 
 
 def _check_loss(meta, what: str) -> None:
-    if not (_number(meta.get("loss")) and _number(meta.get("ce")) and _count(meta.get("n"))):
+    if not (is_number(meta.get("loss")) and is_number(meta.get("ce")) and count_of(meta.get("n"))):
         raise BadMessage(f"{what} reply needs a finite loss and ce and a positive n")
 
 
 def _check_loss_reply(out, meta, sent, e, frozen):
     _check_loss(meta, "loss")
     shape = meta.get("shape")
-    if not (isinstance(shape, list) and len(shape) == 2 and all(map(_count, shape))):
+    if not (isinstance(shape, list) and len(shape) == 2 and all(map(count_of, shape))):
         raise BadMessage("loss reply needs the batch shape [B, T]")
     return out
 
@@ -149,7 +149,7 @@ def check_compute(meta: dict, before: float, elapsed: float) -> None:
     """A reply's compute_s: a finite number that cannot have grown by more than the command took."""
     if "compute_s" in meta:
         c = meta["compute_s"]
-        if not (_number(c) and c >= 0):
+        if not (is_number(c) and c >= 0):
             raise BadMessage("compute_s must be a finite number >= 0")
         if c > before + elapsed + 1.0:   # a lower value: a restarted client process
             raise BadMessage(f"compute_s grew by {c - before:.3g} s during a {elapsed:.3g} s command")

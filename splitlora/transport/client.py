@@ -14,8 +14,8 @@ import torch
 
 from ..checkpoint import join_tensors, split_tensors
 from ..contract import COMMANDS
-from ..roles import ClientDropped
-from .checks import _count
+from ..learning import ClientDropped
+from .checks import count_of
 from .codec import FULL_METHOD, BadMessage, pack, parse_fold, parse_layout, unpack
 
 
@@ -83,10 +83,6 @@ class Refused(Exception):
     """A command this client cannot carry out as sent; the text goes back as an error reply."""
 
 
-def _pending(client):
-    return getattr(client, "_activations", None)
-
-
 def _forward(client, tensors, meta, initial):
     msg, n = client.forward()
     return msg, {"n": n}
@@ -95,9 +91,9 @@ def _forward(client, tensors, meta, initial):
 def _backward(client, tensors, meta, initial):
     grad = tensors.get("activations_grad")
     if meta.get("no_grad") is True and not tensors:   # DLoRA killed the whole bottom: only the top steps
-        if _pending(client) is None or getattr(client.part, "top", None) is None:
+        if client.pending is None or getattr(client.part, "top", None) is None:
             raise Refused("backward: no gradient, but no pending U-shaped batch")
-    elif _pending(client) is None or grad is None or grad.shape != _pending(client).shape:
+    elif client.pending is None or grad is None or grad.shape != client.pending.shape:
         raise Refused("backward: the gradient does not match the pending activations")
     client.backward(grad, int(meta["step"]))
     return {}, {}
@@ -105,7 +101,7 @@ def _backward(client, tensors, meta, initial):
 
 def _top_step(client, tensors, meta, initial):
     x = tensors.get("activations")
-    if _pending(client) is None or x is None or x.shape != _pending(client).shape \
+    if client.pending is None or x is None or x.shape != client.pending.shape \
             or getattr(client.part, "top", None) is None:
         raise Refused("top_step: the activations do not match the pending batch")
     reply, loss = client.top_step(x)
@@ -127,13 +123,13 @@ def _set_frozen(client, tensors, meta, initial):
 
 def _ranks(meta, kind: str) -> dict:
     ranks = meta.get("ranks")
-    if not (isinstance(ranks, dict) and all(_count(r) for r in ranks.values())):
+    if not (isinstance(ranks, dict) and all(count_of(r) for r in ranks.values())):
         raise Refused(f"{kind}: needs ranks (module -> rank >= 1)")
     return ranks
 
 
 def _set_layout(client, tensors, meta, initial):
-    if not _count(meta.get("split")):
+    if not count_of(meta.get("split")):
         raise Refused("set_layout: needs a split >= 1")
     client.set_layout(meta["split"], _ranks(meta, "set_layout"), *parse_layout(tensors))
     return {}, {}

@@ -55,7 +55,7 @@ def _token_stats(t: torch.Tensor) -> tuple[float, float]:
 def value_bounds(template, split_layer: int, top_layers: int, batch: dict, privacy, smoothing: float,
                  factor: float, seed: int = 0) -> ValueBounds:
     """Bounds from the run's own model on `batch` (collated, training-sized): `factor` x what it produces."""
-    from ..roles import lm_loss
+    from ..learning import lm_loss
     from ..split import split_model, split_u
 
     was_training = template.training

@@ -17,8 +17,8 @@ import torch
 
 from ..checkpoint import split_tensors
 from ..contract import COMMANDS
-from ..roles import ClientDropped, Loss
-from .checks import REPLY_CHECKS, Expectations, _count, check_compute
+from ..learning import ClientDropped, Loss
+from .checks import REPLY_CHECKS, Expectations, count_of, check_compute
 from .codec import BadMessage, fold_message, layout_message, pack, unpack
 from .limits import HELLO_HEADER
 from .local import Traffic
@@ -250,9 +250,9 @@ class Hub:
                 if not isinstance(cid, int) or isinstance(cid, bool) or not 0 <= cid < len(self.proxies):
                     self._refuse(context, grpc.StatusCode.NOT_FOUND, f"unknown client id {cid!r}")
                 trainable, step = meta.get("num_trainable"), meta.get("step", 0)
-                if not _count(meta.get("num_samples")) or not (_count(trainable) or trainable == 0):
+                if not count_of(meta.get("num_samples")) or not (count_of(trainable) or trainable == 0):
                     raise BadMessage("hello needs num_samples in [1, 2**31) and num_trainable >= 0")
-                if not (_count(step) or step == 0):
+                if not (count_of(step) or step == 0):
                     raise BadMessage("hello needs step >= 0")
             except BadMessage as e:
                 self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
