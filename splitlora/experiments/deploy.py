@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
 import statistics
+from pathlib import Path
 
 import torch
+import yaml
 
 from .common import cpu_mark as _cpu_mark, metrics as _metrics, run_processes as _run_processes
 from .common import server_port as _server_port, spawn as _spawn, wait_quiet as _wait_quiet
@@ -135,57 +138,45 @@ def deploy_config(model: str, steps: int, split_layer: int, batch: int, max_leng
     }
 
 
-def deploy(model_name: str = "smollm2-135m-instruct", steps: int = 6, split_layer: int = 3, batch: int = 4,
-           max_length: int = 128, precisions: tuple[str, ...] = ("fp32", "bf16"), num_clients: int = 2,
-           interval: int = 3, skip: int = 1, centralized_steps: int = 2, seed: int = 0, repeats: int = 1,
-           quiet_wait_s: float = 0, workdir: str | None = None, timeout_s: float = 3600, sets=(),
-           log=print) -> dict:
-    """Deployed run vs in-process run (see DEPLOY_DOC); the runs and their logs stay in `workdir`.
-    `sets` (`key=value`) are passed to every process as `--set` (e.g. a data file for a smoke run)."""
-    import json
-    import tempfile
-    from pathlib import Path
+class _DeployBench:
+    """One `bench deploy`: its settings, its work directory, and the runs it compares."""
 
-    import yaml
+    def __init__(self, model_name, steps, split_layer, batch, max_length, num_clients, interval, skip, seed,
+                 repeats, quiet_wait_s, timeout_s, sets, log, root, certs):
+        self.model_name, self.steps, self.split_layer, self.batch = model_name, steps, split_layer, batch
+        self.max_length, self.num_clients, self.interval, self.skip = max_length, num_clients, interval, skip
+        self.seed, self.repeats, self.quiet_wait_s, self.timeout_s = seed, repeats, quiet_wait_s, timeout_s
+        self.sets, self.log, self.root, self.certs = sets, log, root, certs
 
-    from ..transport.certs import create_certs
-
-    if steps <= skip + 1:
-        raise ValueError(f"bench deploy: --steps must exceed {skip + 1} (the first {skip} are not timed)")
-    root = Path(workdir or tempfile.mkdtemp(prefix="splitlora-bench-deploy-"))
-    root.mkdir(parents=True, exist_ok=True)
-    certs = root / "certs"
-    if not (certs / "ca.pem").exists():
-        create_certs(certs, num_clients, overwrite=True)
-
-    def config(precision: str, strategy: str = "splitlora", max_steps: int = steps) -> Path:
-        tree = deploy_config(model_name, max_steps, split_layer, batch, max_length, precision, num_clients,
-                              interval, seed, strategy)
-        path = root / f"{strategy}-{precision}-{max_steps}.yaml"
+    def config(self, precision: str, strategy: str = "splitlora", max_steps: int | None = None) -> Path:
+        max_steps = max_steps or self.steps
+        tree = deploy_config(self.model_name, max_steps, self.split_layer, self.batch, self.max_length, precision,
+                             self.num_clients, self.interval, self.seed, strategy)
+        path = self.root / f"{strategy}-{precision}-{max_steps}.yaml"
         path.write_text(yaml.safe_dump(tree, sort_keys=False))
         return path
 
-    def spawn(args: list[str], log_name: str):
-        return _spawn(root, args, log_name, sets)
+    def spawn(self, args: list[str], log_name: str):
+        return _spawn(self.root, args, log_name, self.sets)
 
-    def in_process(cfg_path: Path, out: Path, name: str) -> dict:
-        log(f"bench deploy: {name} (in process)")
+    def in_process(self, cfg_path: Path, out: Path, name: str) -> dict:
+        self.log(f"bench deploy: {name} (in process)")
         mark = _cpu_mark()
-        proc = spawn(["train", "--config", str(cfg_path), "--output", str(out), "--no-progress"], f"{name}.log")
-        return _run_processes({name: proc}, timeout_s, mark=mark)
+        proc = self.spawn(["train", "--config", str(cfg_path), "--output", str(out), "--no-progress"], f"{name}.log")
+        return _run_processes({name: proc}, self.timeout_s, mark=mark)
 
-    def deployed(cfg_path: Path, out: Path, name: str) -> dict:
-        log(f"bench deploy: {name} (server and {num_clients} client processes)")
+    def deployed(self, cfg_path: Path, out: Path, name: str) -> dict:
+        self.log(f"bench deploy: {name} (server and {self.num_clients} client processes)")
         shutil.rmtree(out, ignore_errors=True)   # the bench's own run directory from an earlier run
         mark = _cpu_mark()
-        server = spawn(["serve", "--config", str(cfg_path), "--address", "127.0.0.1:0", "--certs", str(certs),
+        server = self.spawn(["serve", "--config", str(cfg_path), "--address", "127.0.0.1:0", "--certs", str(self.certs),
                         "--output", str(out), "--no-progress"], f"{name}-server.log")
-        port = _server_port(server, root / f"{name}-server.log")
+        port = _server_port(server, self.root / f"{name}-server.log")
         relay = ByteRelay(port)
         procs = {"server": server}
-        for cid in range(num_clients):
-            procs[f"client{cid}"] = spawn(["client", "--config", str(cfg_path), "--client-id", str(cid),
-                                           "--server", f"127.0.0.1:{relay.port}", "--certs", str(certs)],
+        for cid in range(self.num_clients):
+            procs[f"client{cid}"] = self.spawn(["client", "--config", str(cfg_path), "--client-id", str(cid),
+                                           "--server", f"127.0.0.1:{relay.port}", "--certs", str(self.certs)],
                                           f"{name}-client{cid}.log")
         snapshots: dict[int, tuple[int, int]] = {}   # step -> relay counters when its record appeared
         seen = [-1]   # metrics.jsonl size at the last read: it is parsed only when it grew
@@ -202,48 +193,48 @@ def deploy(model_name: str = "smollm2-135m-instruct", steps: int = 6, split_laye
                     snapshots[r["step"]] = counts
 
         try:
-            usage = _run_processes(procs, timeout_s, tick, mark)
+            usage = _run_processes(procs, self.timeout_s, tick, mark)
         finally:
             relay.close()
         tick()
         return {"usage": usage, "socket": relay.counts(), "snapshots": snapshots, "connections": relay.connections}
 
-    def clean_steps() -> list[int]:
+    def clean_steps(self) -> list[int]:
         """Steps whose traffic is only split training: no aggregation at the step or the one before
         (the server fetches client states for its checkpoint right after an aggregation step's
         record, so those bytes may be sampled with either step), and not the last (the final
         evaluation reads client adapters)."""
-        return [s for s in range(1, steps) if s % interval and (s == 1 or (s - 1) % interval)]
+        return [s for s in range(1, self.steps) if s % self.interval and (s == 1 or (s - 1) % self.interval)]
 
-    def pair(precision: str, r: int) -> dict:
+    def pair(self, precision: str, r: int) -> dict:
         """One in-process run and one deployed run of the same configuration (order alternates)."""
-        cfg_path, tag = config(precision), f"{precision}-{r}" if repeats > 1 else precision
-        sim_out, dep_out = root / f"sim-{tag}", root / f"dep-{tag}"
+        cfg_path, tag = self.config(precision), f"{precision}-{r}" if self.repeats > 1 else precision
+        sim_out, dep_out = self.root / f"sim-{tag}", self.root / f"dep-{tag}"
         runs = {}
         for kind in (("sim", "dep") if r % 2 == 0 else ("dep", "sim")):
-            runs[kind] = {"waited_for_quiet_s": _wait_quiet(quiet_wait_s, log)}
+            runs[kind] = {"waited_for_quiet_s": _wait_quiet(self.quiet_wait_s, self.log)}
             if kind == "sim":
-                runs[kind].update(in_process(cfg_path, sim_out, f"sim-{tag}"))
+                runs[kind].update(self.in_process(cfg_path, sim_out, f"sim-{tag}"))
             else:
-                runs[kind].update(deployed(cfg_path, dep_out, f"dep-{tag}"))
+                runs[kind].update(self.deployed(cfg_path, dep_out, f"dep-{tag}"))
         sim_usage, dep = runs["sim"], runs["dep"]
         sim_recs, dep_recs = _metrics(sim_out), _metrics(dep_out)
         summary = json.loads((dep_out / "summary.json").read_text())
         sim_by_step = {r["step"]: r["bytes_up"] + r["bytes_down"] for r in sim_recs}
-        accounted = sim_by_step[steps]
+        accounted = sim_by_step[self.steps]
         messages = summary["wire"]["bytes_up"] + summary["wire"]["bytes_down"]
         socket = sum(dep["socket"])
         snaps = {s: sum(c) for s, c in dep["snapshots"].items()}
-        clean = [s for s in clean_steps() if s in snaps and s - 1 in snaps]
+        clean = [s for s in self.clean_steps() if s in snaps and s - 1 in snaps]
         socket_training = sum(snaps[s] - snaps[s - 1] for s in clean)
         accounted_training = sum(sim_by_step[s] - sim_by_step[s - 1] for s in clean)
-        sim_t, dep_t = step_times(sim_recs, skip), step_times(dep_recs, skip)
+        sim_t, dep_t = step_times(sim_recs, self.skip), step_times(dep_recs, self.skip)
         return {
             "step_ratio": dep_t["step_s"] / sim_t["step_s"],
             "step_ratio_median": dep_t["step_s_median"] / sim_t["step_s_median"],
             "deployed_step_s": dep_t["step_s"], "in_process_step_s": sim_t["step_s"],
             "deployed_step_s_all": dep_t["step_s_all"], "in_process_step_s_all": sim_t["step_s_all"],
-            "seconds_per_step": {"deployed": per_step(dep_recs, skip), "in_process": per_step(sim_recs, skip)},
+            "seconds_per_step": {"deployed": per_step(dep_recs, self.skip), "in_process": per_step(sim_recs, self.skip)},
             "wire_over_accounted_run": socket / accounted,
             "wire_over_accounted_training": socket_training / accounted_training if accounted_training else None,
             "messages_over_accounted_run": messages / accounted,
@@ -262,7 +253,7 @@ def deploy(model_name: str = "smollm2-135m-instruct", steps: int = 6, split_laye
             "same_val_losses": [r["val_loss"] for r in dep_recs] == [r["val_loss"] for r in sim_recs],
             "peak_rss_mib": {"in_process": sim_usage[f"sim-{tag}"]["peak_rss_mib"],
                              "server": dep["usage"]["server"]["peak_rss_mib"],
-                             "clients": [dep["usage"][f"client{i}"]["peak_rss_mib"] for i in range(num_clients)]},
+                             "clients": [dep["usage"][f"client{i}"]["peak_rss_mib"] for i in range(self.num_clients)]},
             "process_stats": {"in_process": sim_usage[f"sim-{tag}"],
                               **{k: v for k, v in dep["usage"].items() if not k.startswith("_")}},
             "other_cpu_s": {"in_process": sim_usage["_other_cpu_s"], "deployed": dep["usage"]["_other_cpu_s"]},
@@ -272,38 +263,63 @@ def deploy(model_name: str = "smollm2-135m-instruct", steps: int = 6, split_laye
             "order": "in_process first" if r % 2 == 0 else "deployed first",
         }
 
-    results: dict = {}
-    for precision in precisions:
-        pairs = [pair(precision, r) for r in range(repeats)]
-        # the headline pair is the median one by step ratio (other processes' CPU is recorded per pair)
-        best = sorted(range(repeats), key=lambda i: pairs[i]["step_ratio"])[(repeats - 1) // 2]
-        results[precision] = {**pairs[best], "headline_pair": best}
-        if repeats > 1:
-            results[precision]["pairs"] = [
-                {k: p[k] for k in ("step_ratio", "step_ratio_median", "deployed_step_s", "in_process_step_s",
-                                   "deployed_step_s_all", "in_process_step_s_all", "seconds_per_step",
-                                   "other_cpu_s", "order",
-                                   "wire_over_accounted_training", "same_losses")} for p in pairs]
-            results[precision]["step_ratio_median_over_pairs"] = statistics.median(p["step_ratio"] for p in pairs)
+    def run(self, precisions: tuple[str, ...], centralized_steps: int) -> dict:
+        results: dict = {}
+        for precision in precisions:
+            pairs = [self.pair(precision, r) for r in range(self.repeats)]
+            # the headline pair is the median one by step ratio (other processes' CPU is recorded per pair)
+            best = sorted(range(self.repeats), key=lambda i: pairs[i]["step_ratio"])[(self.repeats - 1) // 2]
+            results[precision] = {**pairs[best], "headline_pair": best}
+            if self.repeats > 1:
+                results[precision]["pairs"] = [
+                    {k: p[k] for k in ("step_ratio", "step_ratio_median", "deployed_step_s", "in_process_step_s",
+                                       "deployed_step_s_all", "in_process_step_s_all", "seconds_per_step",
+                                       "other_cpu_s", "order",
+                                       "wire_over_accounted_training", "same_losses")} for p in pairs]
+                results[precision]["step_ratio_median_over_pairs"] = statistics.median(p["step_ratio"] for p in pairs)
 
-    _wait_quiet(quiet_wait_s, log)
-    cen = in_process(config(precisions[0], "cenlora", centralized_steps), root / "cenlora", "cenlora")
-    first = results[precisions[0]]
-    client_peak = max(first["peak_rss_mib"]["clients"])
-    return {
-        "benchmark": "deploy", "description": DEPLOY_DOC,
-        "model": model_name, "split_layer": split_layer, "num_clients": num_clients, "batch": batch,
-        "max_length": max_length, "steps": steps, "skipped_steps": skip, "aggregation_interval": interval,
-        "transport": "gRPC, mutual TLS, loopback through a counting TCP relay",
-        "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-        "torch_threads_per_process": torch.get_num_threads(), "torch": torch.__version__,
-        "goals": {"step_ratio": 1.10, "wire_over_accounted": 1.02, "rss_ratio": 0.40},
-        "precisions": results,
-        "step_ratio": {p: r["step_ratio"] for p, r in results.items()},
-        "wire_over_accounted_run": {p: r["wire_over_accounted_run"] for p, r in results.items()},
-        "wire_over_accounted_training": {p: r["wire_over_accounted_training"] for p, r in results.items()},
-        "client_peak_rss_mib": client_peak, "centralized_peak_rss_mib": cen["cenlora"]["peak_rss_mib"],
-        "centralized_steps": centralized_steps, "centralized_other_cpu_s": cen["_other_cpu_s"],
-        "rss_ratio": client_peak / cen["cenlora"]["peak_rss_mib"],
-        "workdir": str(root),
-    }
+        _wait_quiet(self.quiet_wait_s, self.log)
+        cen = self.in_process(self.config(precisions[0], "cenlora", centralized_steps), self.root / "cenlora", "cenlora")
+        first = results[precisions[0]]
+        client_peak = max(first["peak_rss_mib"]["clients"])
+        return {
+            "benchmark": "deploy", "description": DEPLOY_DOC,
+            "model": self.model_name, "split_layer": self.split_layer, "num_clients": self.num_clients,
+            "batch": self.batch, "max_length": self.max_length, "steps": self.steps, "skipped_steps": self.skip,
+            "aggregation_interval": self.interval,
+            "transport": "gRPC, mutual TLS, loopback through a counting TCP relay",
+            "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "torch_threads_per_process": torch.get_num_threads(), "torch": torch.__version__,
+            "goals": {"step_ratio": 1.10, "wire_over_accounted": 1.02, "rss_ratio": 0.40},
+            "precisions": results,
+            "step_ratio": {p: r["step_ratio"] for p, r in results.items()},
+            "wire_over_accounted_run": {p: r["wire_over_accounted_run"] for p, r in results.items()},
+            "wire_over_accounted_training": {p: r["wire_over_accounted_training"] for p, r in results.items()},
+            "client_peak_rss_mib": client_peak, "centralized_peak_rss_mib": cen["cenlora"]["peak_rss_mib"],
+            "centralized_steps": centralized_steps, "centralized_other_cpu_s": cen["_other_cpu_s"],
+            "rss_ratio": client_peak / cen["cenlora"]["peak_rss_mib"],
+            "workdir": str(self.root),
+        }
+
+
+def deploy(model_name: str = "smollm2-135m-instruct", steps: int = 6, split_layer: int = 3, batch: int = 4,
+           max_length: int = 128, precisions: tuple[str, ...] = ("fp32", "bf16"), num_clients: int = 2,
+           interval: int = 3, skip: int = 1, centralized_steps: int = 2, seed: int = 0, repeats: int = 1,
+           quiet_wait_s: float = 0, workdir: str | None = None, timeout_s: float = 3600, sets=(),
+           log=print) -> dict:
+    """Deployed run vs in-process run (see DEPLOY_DOC); the runs and their logs stay in `workdir`.
+    `sets` (`key=value`) are passed to every process as `--set` (e.g. a data file for a smoke run)."""
+    import tempfile
+
+    from ..transport.certs import create_certs
+
+    if steps <= skip + 1:
+        raise ValueError(f"bench deploy: --steps must exceed {skip + 1} (the first {skip} are not timed)")
+    root = Path(workdir or tempfile.mkdtemp(prefix="splitlora-bench-deploy-"))
+    root.mkdir(parents=True, exist_ok=True)
+    certs = root / "certs"
+    if not (certs / "ca.pem").exists():
+        create_certs(certs, num_clients, overwrite=True)
+    bench = _DeployBench(model_name, steps, split_layer, batch, max_length, num_clients, interval, skip, seed,
+                         repeats, quiet_wait_s, timeout_s, sets, log, root, certs)
+    return bench.run(precisions, centralized_steps)
