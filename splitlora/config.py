@@ -130,7 +130,7 @@ class PrivacySection(_Section):
 
 
 class DloraSection(_Section):
-    """Kill & Revive of client-side adapters (strategy `dlora`; see splitlora/strategies.py)."""
+    """Kill & Revive of client-side adapters (strategy `dlora`; see splitlora/strategies/dlora.py)."""
 
     warmup_steps: int = Field(20, ge=0)        # every adapter trains this long before any is killed
     threshold: float = Field(0.05, ge=0)       # relative change per aggregation interval below which it is killed
@@ -138,7 +138,7 @@ class DloraSection(_Section):
 
 
 class HsplitSection(_Section):
-    """Heterogeneous clients (strategies `hsplitlora`, `hetlora`; see splitlora/hsplit.py). Budgets are
+    """Heterogeneous clients (strategies `hsplitlora`, `hetlora`; see splitlora/strategies/hsplitlora.py). Budgets are
     the clients' device profiles (`cost.clients`)."""
 
     client_step_s: float = Field(1.0, gt=0)        # client compute per step a device may spend (sets its split)
