@@ -88,26 +88,11 @@ def _profiles(cfg: Config) -> dict:
     return {"clients": [asdict(p) for p in clients], "server": asdict(server)}
 
 
-def compare(cfg: Config, strategies: list[str], output: str | Path, samples: int | None = None,
-            eval_samples: int | None = None, target: float | None = None, margin: float = 0.05,
-            progress: bool = True, reuse: bool = False) -> dict:
-    """Train every strategy (with `reuse`, a strategy whose run directory already has a summary.json
-    of the same configuration is read instead of trained again), then compare."""
-    from .report import write_report
+def _train_all(configs: dict[str, Config], out: Path, progress: bool, reuse: bool) -> dict:
+    """name -> {"summary", "rows"} of each strategy's run (cenlora first: it sets the target)."""
     from ..train import train
 
-    unknown = [s for s in strategies if s not in registry.available()]
-    if unknown or not strategies:
-        raise ConfigError(f"--strategies: unknown {unknown} (known: {', '.join(registry.available())})")
-    if target is None and "cenlora" not in strategies:
-        raise ConfigError("--target: give a target validation loss, or include cenlora to derive it")
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    base_k = samples_per_step(cfg, cfg.strategy.name)
-    samples = samples or cfg.train.max_steps * base_k
-    eval_samples = eval_samples or cfg.train.eval_interval * base_k
-    configs = {name: strategy_config(cfg, name, samples, eval_samples) for name in strategies}
-    order = sorted(strategies, key=lambda n: n != "cenlora")   # cenlora first: it sets the target
+    order = sorted(configs, key=lambda n: n != "cenlora")
     total = sum(c.train.max_steps * samples_per_step(c, n) for n, c in configs.items())
     overall = tqdm(total=total, desc="compare", unit="sample", position=0, disable=not progress, dynamic_ncols=True)
     runs: dict[str, dict] = {}
@@ -127,53 +112,79 @@ def compare(cfg: Config, strategies: list[str], output: str | Path, samples: int
                 f"{(summary['bytes_up'] + summary['bytes_down']) / 2**20:.1f} MiB, wall {summary['wall_s']:.0f} s")
         (tqdm.write if progress else print)(line)
     overall.close()
+    return runs
 
+
+def _strategy_result(name: str, c: Config, run: dict, target: float, template, run_dir: Path) -> dict:
+    """One strategy's row of the comparison: its costs, losses, and what it took to reach the target."""
+    s, rows = run["summary"], run["rows"]
+    hit = reach(rows, target)
+    evals = [{k: r.get(k) for k in ("step", "samples_seen", "sim_time_s", "bytes_up", "bytes_down", "val_loss",
+                                    "wall_s", "client_flops")} for r in rows if r["val_loss"] is not None]
+    return {
+        "steps": c.train.max_steps, "samples_per_step": samples_per_step(c, name),
+        "samples": s["samples_seen"], "sim_time_s": s["sim_time_s"], "wall_s": s["wall_s"],
+        "bytes": s["bytes_up"] + s["bytes_down"], "bytes_up": s["bytes_up"], "bytes_down": s["bytes_down"],
+        "client_flops": s.get("client_flops"),   # absent in runs made before it was recorded
+        "final_val_loss": s["final_val_loss"], "best_val_loss": s["best_val_loss"],
+        "final_val_ppl": math.exp(s["final_val_loss"]),
+        "client_trainable_params": s["client_trainable_params"],
+        "server_trainable_params": s["server_trainable_params"],
+        "client_peak_memory_mib_est": client_memory_mib(c, name, template, s.get("client_splits")),
+        "reached_target": hit is not None,
+        "sim_time_to_target_s": hit["sim_time_s"] if hit else None,
+        "bytes_to_target": hit["bytes_up"] + hit["bytes_down"] if hit else None,
+        "samples_to_target": hit["samples_seen"] if hit else None,
+        "evaluations": evals, "run_dir": str(run_dir),
+    }
+
+
+def _ratios(st: dict) -> tuple[dict, dict]:
+    """splitlora's simulated time to the target over each other strategy's; against one that never reached
+    it, only a bound (its whole run's time)."""
+    base = st.get("splitlora", {}).get("sim_time_to_target_s")
+    if base is None:
+        return {}, {}
+    ratios = {f"splitlora/{o}": base / r["sim_time_to_target_s"] for o, r in st.items()
+              if o != "splitlora" and r["sim_time_to_target_s"]}
+    bounds = {f"splitlora/{o}": base / r["sim_time_s"] for o, r in st.items()
+              if o != "splitlora" and r["sim_time_to_target_s"] is None and r["sim_time_s"]}
+    return ratios, bounds
+
+
+def compare(cfg: Config, strategies: list[str], output: str | Path, samples: int | None = None,
+            eval_samples: int | None = None, target: float | None = None, margin: float = 0.05,
+            progress: bool = True, reuse: bool = False) -> dict:
+    """Train every strategy (with `reuse`, a strategy whose run directory already has a summary.json
+    of the same configuration is read instead of trained again), then compare."""
+    from ..build import role_model
+    from ..runtime import runtime_of
+    from .report import write_report
+
+    unknown = [s for s in strategies if s not in registry.available()]
+    if unknown or not strategies:
+        raise ConfigError(f"--strategies: unknown {unknown} (known: {', '.join(registry.available())})")
+    if target is None and "cenlora" not in strategies:
+        raise ConfigError("--target: give a target validation loss, or include cenlora to derive it")
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    base_k = samples_per_step(cfg, cfg.strategy.name)
+    samples = samples or cfg.train.max_steps * base_k
+    eval_samples = eval_samples or cfg.train.eval_interval * base_k
+    configs = {name: strategy_config(cfg, name, samples, eval_samples) for name in strategies}
+    runs = _train_all(configs, out, progress, reuse)
     rule = "given"
     if target is None:
         target = runs["cenlora"]["summary"]["best_val_loss"] * (1 + margin)
         rule = f"best cenlora validation loss x {1 + margin:g}"
-    from ..build import role_model
-    from ..runtime import runtime_of
-
-    # for the memory estimates (model and LoRA are the same for every strategy)
-    _, template = role_model(cfg, runtime_of(cfg, "server"))
+    _, template = role_model(cfg, runtime_of(cfg, "server"))   # for the memory estimates (the same for all)
     result = {"target_val_loss": target, "target_rule": rule, "samples_budget": samples,
               "eval_every_samples": eval_samples, "model": cfg.model.name, "num_clients": cfg.strategy.num_clients,
               "split_layer": cfg.model.split_layer, "batch_size": cfg.train.batch_size,
-              "cost": cfg.cost.model_dump(mode="json"), "profiles": _profiles(cfg), "strategies": {}}
-    for name in strategies:
-        s, rows = runs[name]["summary"], runs[name]["rows"]
-        hit = reach(rows, target)
-        evals = [{k: r.get(k) for k in ("step", "samples_seen", "sim_time_s", "bytes_up", "bytes_down", "val_loss",
-                                        "wall_s", "client_flops")} for r in rows if r["val_loss"] is not None]
-        result["strategies"][name] = {
-            "steps": configs[name].train.max_steps, "samples_per_step": samples_per_step(configs[name], name),
-            "samples": s["samples_seen"], "sim_time_s": s["sim_time_s"], "wall_s": s["wall_s"],
-            "bytes": s["bytes_up"] + s["bytes_down"], "bytes_up": s["bytes_up"], "bytes_down": s["bytes_down"],
-            "client_flops": s.get("client_flops"),   # absent in runs made before it was recorded
-            "final_val_loss": s["final_val_loss"], "best_val_loss": s["best_val_loss"],
-            "final_val_ppl": math.exp(s["final_val_loss"]),
-            "client_trainable_params": s["client_trainable_params"],
-            "server_trainable_params": s["server_trainable_params"],
-            "client_peak_memory_mib_est": client_memory_mib(configs[name], name, template, s.get("client_splits")),
-            "reached_target": hit is not None,
-            "sim_time_to_target_s": hit["sim_time_s"] if hit else None,
-            "bytes_to_target": hit["bytes_up"] + hit["bytes_down"] if hit else None,
-            "samples_to_target": hit["samples_seen"] if hit else None,
-            "evaluations": evals, "run_dir": str(out / name),
-        }
-    st = result["strategies"]
-    result["time_to_target_ratios"] = {
-        f"splitlora/{other}": (st["splitlora"]["sim_time_to_target_s"] / st[other]["sim_time_to_target_s"])
-        for other in strategies
-        if "splitlora" in st and other != "splitlora" and st["splitlora"]["sim_time_to_target_s"] is not None
-        and st[other]["sim_time_to_target_s"]}
-    # against a strategy that never reached the target, only a bound: its whole run's time
-    result["time_to_target_upper_bounds"] = {
-        f"splitlora/{other}": st["splitlora"]["sim_time_to_target_s"] / st[other]["sim_time_s"]
-        for other in strategies
-        if "splitlora" in st and other != "splitlora" and st["splitlora"]["sim_time_to_target_s"] is not None
-        and st[other]["sim_time_to_target_s"] is None and st[other]["sim_time_s"]}
+              "cost": cfg.cost.model_dump(mode="json"), "profiles": _profiles(cfg),
+              "strategies": {name: _strategy_result(name, configs[name], runs[name], target, template, out / name)
+                             for name in strategies}}
+    result["time_to_target_ratios"], result["time_to_target_upper_bounds"] = _ratios(result["strategies"])
     (out / "compare.json").write_text(json.dumps(result, indent=2))
     write_report(result, out)
     return result
