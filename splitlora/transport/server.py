@@ -213,6 +213,47 @@ class Hub:
         with self._lock:
             self._pending[peer] -= 1
 
+    def _hello(self, first, peer, context) -> tuple[int, dict]:
+        """(client id, hello metadata) of a session's first message, or the session is refused (abort)."""
+        try:
+            if first is None:
+                raise BadMessage("empty session")
+            kind, _, meta = unpack(first, self.max_bytes, HELLO_HEADER)
+            if kind != "hello":
+                raise BadMessage(f"a session starts with hello, not {kind!r}")
+            cid = meta.get("client_id")
+            if not isinstance(cid, int) or isinstance(cid, bool) or not 0 <= cid < len(self.proxies):
+                self._refuse(context, grpc.StatusCode.NOT_FOUND, f"unknown client id {cid!r}")
+            trainable, step = meta.get("num_trainable"), meta.get("step", 0)
+            if not count_of(meta.get("num_samples")) or not (count_of(trainable) or trainable == 0):
+                raise BadMessage("hello needs num_samples in [1, 2**31) and num_trainable >= 0")
+            if not (count_of(step) or step == 0):
+                raise BadMessage("hello needs step >= 0")
+        except BadMessage as e:
+            self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if self.secure and peer != cid:
+            self._refuse(context, grpc.StatusCode.PERMISSION_DENIED, f"client certificate is for client {peer}, not {cid}")
+        expected = self.proxies[cid].expect.num_samples if self.proxies[cid].expect else None
+        if expected is not None and meta["num_samples"] != expected:   # its weight in every average
+            self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
+                         f"hello: client {cid} claims {meta['num_samples']} training examples; the run's "
+                         f"partition gives it {expected}")
+        return cid, meta
+
+    def _join(self, cid: int, meta: dict, session: "Session") -> None:
+        """The session becomes client cid's (an older one is closed): perhaps a new process, so the
+        strategy tells it again what it must hold."""
+        proxy = self.proxies[cid]
+        if proxy.session is not None:
+            proxy.session.close(grpc.StatusCode.ABORTED, "replaced by a new session of the same client")
+        proxy.num_samples, proxy.num_trainable = int(meta.get("num_samples", 0)), int(meta.get("num_trainable", 0))
+        proxy.hello_step = int(meta.get("step", 0))
+        proxy.session = session
+        proxy.incarnation += 1
+        proxy.frozen = None
+        with self.joined:
+            self.joined.notify_all()
+
     def session(self, requests, context):
         """gRPC stream-stream handler: hello, then commands out and replies in until the session ends."""
         from .certs import peer_client_id
@@ -240,43 +281,11 @@ class Hub:
                 first = session.inbox.get(timeout=self.hello_timeout_s)
             except queue.Empty:
                 self._refuse(context, grpc.StatusCode.DEADLINE_EXCEEDED, f"no hello within {self.hello_timeout_s} s")
-            try:
-                if first is None:
-                    raise BadMessage("empty session")
-                kind, _, meta = unpack(first, self.max_bytes, HELLO_HEADER)
-                if kind != "hello":
-                    raise BadMessage(f"a session starts with hello, not {kind!r}")
-                cid = meta.get("client_id")
-                if not isinstance(cid, int) or isinstance(cid, bool) or not 0 <= cid < len(self.proxies):
-                    self._refuse(context, grpc.StatusCode.NOT_FOUND, f"unknown client id {cid!r}")
-                trainable, step = meta.get("num_trainable"), meta.get("step", 0)
-                if not count_of(meta.get("num_samples")) or not (count_of(trainable) or trainable == 0):
-                    raise BadMessage("hello needs num_samples in [1, 2**31) and num_trainable >= 0")
-                if not (count_of(step) or step == 0):
-                    raise BadMessage("hello needs step >= 0")
-            except BadMessage as e:
-                self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-            if self.secure and peer != cid:
-                self._refuse(context, grpc.StatusCode.PERMISSION_DENIED,
-                             f"client certificate is for client {peer}, not {cid}")
-            expected = self.proxies[cid].expect.num_samples if self.proxies[cid].expect else None
-            if expected is not None and meta["num_samples"] != expected:   # its weight in every average
-                self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
-                             f"hello: client {cid} claims {meta['num_samples']} training examples; the run's "
-                             f"partition gives it {expected}")
+            cid, meta = self._hello(first, peer, context)
         finally:
             self._release(peer)
-        proxy = self.proxies[cid]
-        if proxy.session is not None:
-            proxy.session.close(grpc.StatusCode.ABORTED, "replaced by a new session of the same client")
-        proxy.num_samples, proxy.num_trainable = int(meta.get("num_samples", 0)), int(meta.get("num_trainable", 0))
-        proxy.hello_step = int(meta.get("step", 0))
-        proxy.session = session
-        proxy.incarnation += 1
-        proxy.frozen = None   # perhaps a new process: the strategy tells it again
         context.add_callback(session.close)
-        with self.joined:
-            self.joined.notify_all()
+        self._join(cid, meta, session)
         while True:
             item = session.outbox.get()
             if item[0] == "end":
