@@ -213,7 +213,9 @@ def _free_port() -> int:
 # dlora with LoRA dropout: the clients, ahead of the checkpoint, are put back to it, frozen modules and
 # dropout streams included (every module dies at step 4, revives at 5, dies at 6, ...)
 KILLED = {"splitlora": {}, "dlora_dropout": {"strategy.name": "dlora", "dlora.warmup_steps": 0, "dlora.threshold": 1e9,
-                                             "dlora.revive_interval": 5, "lora.dropout": 0.1}}
+                                             "dlora.revive_interval": 5, "lora.dropout": 0.1},
+          # the checkpoint holds the folded base weights; the clients get them back with their layouts
+          "hsplitlora": {k: v for k, v in HET.items() if k != "train.max_steps"}}
 
 
 @pytest.mark.parametrize("label", list(KILLED))
@@ -261,6 +263,9 @@ def test_server_killed_and_resumed_completes_without_applying_a_round_twice(labe
     sim = read_metrics(tmp_path / "sim")
     assert [r["train_loss"] for r in records] == [r["train_loss"] for r in sim]
     assert_states_equal(exported_adapter(out), exported_adapter(tmp_path / "sim"))
+    if label == "hsplitlora":
+        assert [r["client_mean_ranks"] for r in records] == [r["client_mean_ranks"] for r in sim]
+        assert [r["val_loss"] for r in records] == [r["val_loss"] for r in sim]
     if label == "dlora_dropout":
         assert [r["alive_client_adapters"] for r in records] == [r["alive_client_adapters"] for r in sim]
         assert any(r["alive_client_adapters"] == 0 for r in records[killed_at:])
