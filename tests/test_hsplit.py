@@ -210,3 +210,37 @@ def test_a_client_that_missed_a_round_rejoins_with_the_current_fold_at_its_own_r
     for t in range(3, 4):
         s.step(t)
     assert s.live() == s.clients
+
+
+class _Poisoned:
+    """A client whose uploads are 1e30 everywhere (finite, of the right shapes): what a rogue could send."""
+
+    def __init__(self, inner):
+        self.inner, self.cid = inner, inner.cid
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def adapter_state(self):
+        return {k: torch.full_like(v, 1e30) for k, v in self.inner.adapter_state().items()}
+
+
+@pytest.mark.parametrize("name", ["hsplitlora", "hetlora"])
+def test_an_adapter_no_optimizer_could_produce_is_refused_and_the_base_stays_finite(name, make_config):
+    """Each client's upload is bounded against what it began the round with (its layout's adapter, or its
+    A after the last fold and B = 0): a poisoned one is refused, the others are aggregated, and the
+    client gets its layout again."""
+    run = build_run(make_config({**HET, "strategy.name": name}))
+    s = run.strategy
+    s.clients[2] = _Poisoned(s.clients[2])
+    for t in range(4):
+        s.step(t)
+    refused = [d for d in s.dropouts if "refused its adapter" in d["reason"]]
+    assert [d["client"] for d in refused] == [2, 2] and s.refused_updates == 2
+    assert "a value changed by 1e+30" in refused[0]["reason"]
+    assert all(torch.isfinite(w).all() for w in s.base.values())
+    assert all(torch.isfinite(v).all() for v in s.global_adapter().values()) if name == "hetlora" else True
+    honest = build_run(make_config({**HET, "strategy.name": name})).strategy
+    for t in range(4):   # every update of the honest clients is bounded as it is: none refused
+        honest.step(t)
+    assert honest.refused_updates == 0 and honest.dropouts == []

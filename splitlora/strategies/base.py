@@ -182,18 +182,23 @@ class Strategy:
             raise self._no_client_left(t, "train")
         return Loss.mean([r[0] for r in results]), sum(r[1] for r in results)
 
-    def _bounded(self, t: int, uploads: list) -> list:
-        """The (client, adapter) uploads whose change from the reference AdamW could have made in the steps
-        since the last aggregation (`robust.update_bound`); the others are refused (the client is told
-        why and sits out the round) and never reach the aggregate."""
-        if self.reference is None:
-            return uploads
+    def _bounded(self, t: int, uploads: list, reference_of: Callable | None = None) -> list:
+        """The (client, adapter) uploads whose change from the reference (the global adapter, or each
+        client's own: `reference_of(client)`) AdamW could have made in the steps since the last aggregation
+        (`robust.update_bound`); the others are refused (the client is told why and sits out the round)
+        and never reach the aggregate."""
+        if reference_of is None:
+            if self.reference is None:
+                return uploads
+            reference_of = lambda c: self.reference  # noqa: E731
         steps = range(self.last_aggregation, t + 1)
-        largest = max((v.abs().max().item() for v in self.reference.values()), default=0.0)
-        bound = robust.update_bound([lr_at(s, self.s.optim) for s in steps], self.s.optim.weight_decay, largest)
+        lrs = [lr_at(s, self.s.optim) for s in steps]
         kept = []
         for c, state in uploads:
-            change = robust.max_abs_change(state, self.reference)
+            reference = reference_of(c)
+            largest = max((v.abs().max().item() for v in reference.values()), default=0.0)
+            bound = robust.update_bound(lrs, self.s.optim.weight_decay, largest)
+            change = robust.max_abs_change(state, reference)
             if change <= bound:
                 kept.append((c, state))
                 continue

@@ -56,8 +56,11 @@ class HetLoRA(HSplitLoRA):
                 self.held[c.cid] = None
                 continue
             if self._in_sync(c, self.splits[c.cid]):
-                ok = self.guarded(t, c, lambda c: c.load_adapter_state(self._start_adapter(c.cid)))[0]
-                if not ok:
+                given = self._start_adapter(c.cid)
+                ok = self.guarded(t, c, lambda c: c.load_adapter_state(given))[0]
+                if ok:
+                    self.given[c.cid] = given
+                else:
                     self.held[c.cid] = None
             else:
                 ok = self._set_layout(c)
@@ -69,8 +72,9 @@ class HetLoRA(HSplitLoRA):
 
     def global_adapter(self):
         self._sync()   # a deployed run evaluates before its first step: clients get their layouts first
-        peeks = {c.cid: s for c in self.live() for ok, s in [self.guarded(self.t, c, lambda c: c.peek_adapter_state())]
-                 if ok}
+        ready = [c for c in self.live() if self._in_sync(c, self.splits[c.cid])]
+        peeks = [(c, s) for c in ready for ok, s in [self.guarded(self.t, c, lambda c: c.peek_adapter_state())] if ok]
+        peeks = {c.cid: s for c, s in self._bounded(self.t, peeks, lambda c: self.given[c.cid])}
         if not peeks:
             raise RunError("no client left to evaluate")
         return self._average(peeks)

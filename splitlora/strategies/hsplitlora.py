@@ -110,6 +110,7 @@ class HSplitLoRA(SplitLoRA):
         self._init_gen = torch.Generator().manual_seed(setup.seed * 7919 + 1)
         self.folded = False   # whether any update is in the base yet (else clients keep their own base)
         self.held: dict[int, tuple | None] = {i: None for i in range(setup.num_clients)}   # (split, incarnation)
+        self.given: dict[int, dict[str, torch.Tensor]] = {}   # cid -> its adapter as this round began (bounds)
         self.splits = [self._split_for(p) for p in self.profiles]
         self.ranks = [self._ranks_for(i, {}) for i in range(setup.num_clients)]
         self._build_server()
@@ -196,6 +197,8 @@ class HSplitLoRA(SplitLoRA):
         adapter = self._start_adapter(cid)
         ok, _ = self.guarded(self.t, c, lambda c: c.set_layout(self.splits[cid], ranks, adapter, base))
         self.held[cid] = (self.splits[cid], getattr(c, "incarnation", 0)) if ok else None
+        if ok:
+            self.given[cid] = {k: v.clone() for k, v in adapter.items()}
         return ok
 
     def _in_sync(self, c, split: int) -> bool:
@@ -257,11 +260,14 @@ class HSplitLoRA(SplitLoRA):
         return result
 
     def _uploads(self, t: int) -> dict[int, dict[str, torch.Tensor]]:
-        """cid -> the adapter each live client sends (its modules, cut to its ranks)."""
-        ups = {c.cid: s for c in self.live() for ok, s in [self.guarded(t, c, lambda c: c.adapter_state())] if ok}
+        """cid -> the adapter each live client holding its layout sends (its modules, cut to its ranks),
+        unless it moved further from what the client began the round with than AdamW can."""
+        ready = [c for c in self.live() if self._in_sync(c, self.splits[c.cid])]
+        ups = [(c, s) for c in ready for ok, s in [self.guarded(t, c, lambda c: c.adapter_state())] if ok]
+        ups = self._bounded(t, ups, lambda c: self.given[c.cid])
         if not ups:
             raise self._no_client_left(t, "aggregate")
-        return ups
+        return {c.cid: s for c, s in ups}
 
     def _copy(self, cid: int, mod, states: dict, server: dict) -> tuple[object, torch.Tensor, torch.Tensor]:
         """(which copy, A, B) client cid trained module mod through: its own (from `states`) or the server's."""
@@ -289,8 +295,8 @@ class HSplitLoRA(SplitLoRA):
         for c in self.clients:   # downloads: the stacked factors of the client's modules
             if not getattr(c, "connected", True):
                 self.held[c.cid] = None
-            elif self.splits[c.cid] == splits[c.cid] and self._in_sync(c, splits[c.cid]):
-                self._send_fold(c, deltas, ranks[c.cid])
+            elif self.splits[c.cid] == splits[c.cid] and self._in_sync(c, splits[c.cid]) and c.cid in uploads:
+                self._send_fold(c, deltas, ranks[c.cid], uploads[c.cid])
             else:
                 self._set_layout(c)
             if self.held[c.cid] is not None:
@@ -308,7 +314,9 @@ class HSplitLoRA(SplitLoRA):
         self.total[mod] += delta
         return (A, B)
 
-    def _send_fold(self, c, deltas, old_ranks) -> None:
+    def _send_fold(self, c, deltas, old_ranks, upload) -> None:
+        """The round's fold to client c; what its adapter then is (its A at the new rank, B = 0) is known
+        from its upload: the reference its next upload is bounded against."""
         cid = c.cid
         mods = self._client_mods(cid)
         factors = {self.prefix[m]: deltas[m] for m in mods}
@@ -317,6 +325,13 @@ class HSplitLoRA(SplitLoRA):
         ok, _ = self.guarded(self.t, c, lambda c: c.fold(factors, ranks, rows))
         if not ok:
             self.held[cid] = None
+            return
+        given = {}
+        for p, r in ranks.items():
+            a, b = upload[f"{p}.lora_A.weight"], upload[f"{p}.lora_B.weight"]
+            given[f"{p}.lora_A.weight"] = torch.cat([a, rows[p]])[:r] if p in rows else a[:r].clone()
+            given[f"{p}.lora_B.weight"] = b.new_zeros(b.shape[0], r)
+        self.given[cid] = given
 
     def _update_importance(self, deltas) -> None:
         """Σ|W ⊙ ΔW| of each module this round (EMA); ranks re-decided when its distribution moved."""
@@ -395,7 +410,8 @@ class HSplitLoRA(SplitLoRA):
                 "base": {f"{b}.{n}": w.detach().clone() for (b, n), w in self.base.items()} if self.folded else None,
                 "ranks": [{f"{b}.{n}": r for (b, n), r in ranks.items()} for ranks in self.ranks],
                 "tracker": self.tracker.state_dict(), "reference": self.reference,
-                "reallocations": self.reallocations, "init_gen": self._init_gen.get_state()}
+                "reallocations": self.reallocations, "init_gen": self._init_gen.get_state(),
+                "given": {str(cid): g for cid, g in self.given.items()}}
 
     def load_state_dict(self, state):
         """The splits, ranks and base weights as they were; every client is given its layout again (with
@@ -417,3 +433,4 @@ class HSplitLoRA(SplitLoRA):
         self.tracker.load_state_dict(state["tracker"])
         self.reference, self.reallocations = state["reference"], state["reallocations"]
         self._init_gen.set_state(state["init_gen"])
+        self.given.update({int(cid): g for cid, g in state.get("given", {}).items()})   # what they hold now
