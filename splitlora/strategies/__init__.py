@@ -19,20 +19,19 @@ def _plugins() -> dict:
     return {ep.name: ep for ep in entry_points(group=GROUP)}
 
 
+def _own() -> list[str]:
+    return [m.name for m in pkgutil.iter_modules(__path__) if m.name not in _NOT_STRATEGIES and not m.name.startswith("_")]
+
+
 def available() -> list[str]:
     """Every strategy name: this package's modules, then the installed plug-ins."""
-    own = [m.name for m in pkgutil.iter_modules(__path__) if m.name not in _NOT_STRATEGIES and not m.name.startswith("_")]
+    own = _own()
     return own + sorted(set(_plugins()) - set(own))
 
 
 def get(name: str):
     """The strategy class called `name`; KeyError naming the known ones if there is none."""
-    if name not in available():
-        raise KeyError(f"unknown strategy {name!r} (known: {', '.join(available())})")
-    plugin = _plugins().get(name)
-    if plugin is not None and name not in [m.name for m in pkgutil.iter_modules(__path__)]:
-        cls = plugin.load()
-    else:
+    if name in _own():
         module = importlib.import_module(f"{__name__}.{name}")
         from .base import Strategy
 
@@ -40,7 +39,11 @@ def get(name: str):
                  if isinstance(c, type) and issubclass(c, Strategy) and c.name == name]
         if len(found) != 1:
             raise KeyError(f"strategies/{name}.py must define one Strategy subclass with name = {name!r}")
-        cls = found[0]
+        return found[0]
+    plugin = _plugins().get(name)
+    if plugin is None:
+        raise KeyError(f"unknown strategy {name!r} (known: {', '.join(available())})")
+    cls = plugin.load()
     if getattr(cls, "name", None) != name:
         raise KeyError(f"strategy plug-in {name!r}: its class says name = {getattr(cls, 'name', None)!r}")
     return cls

@@ -104,7 +104,9 @@ class HSplitLoRA(SplitLoRA):
         self.scaling = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
         self.prefix = lora_targets(setup.template)        # (block, name) -> PEFT key prefix
         self.base = self._base_weights()
-        self.total = {mod: torch.zeros(out, inp) for mod, (inp, out) in self._module_shapes().items()}
+        self.module_shapes = {(b, lin.name): (lin.fan_in, lin.fan_out) for b in range(self.layers)
+                              for lin in self.shapes.blocks[b] if lin.rank}   # (block, name) -> (in, out)
+        self.total = {mod: torch.zeros(out, inp) for mod, (inp, out) in self.module_shapes.items()}
         self.initial = full_part(setup.template).adapter_state()   # what a module starts from (B = 0)
         self.reallocations: list[dict] = []
         self._init_gen = torch.Generator().manual_seed(setup.seed * 7919 + 1)
@@ -117,10 +119,6 @@ class HSplitLoRA(SplitLoRA):
         self._sync()
 
     # -- budgets --------------------------------------------------------------------------------------
-    def _module_shapes(self) -> dict[tuple[int, str], tuple[int, int]]:
-        return {(b, lin.name): (lin.fan_in, lin.fan_out) for b in range(self.layers)
-                for lin in self.shapes.blocks[b] if lin.rank}
-
     def _split_for(self, p: Profile, shapes: Shapes | None = None, strict: bool = True) -> int:
         """The deepest split whose client training pass (at max length, with the client's LoRA ranks
         where known, else lora.rank) fits the step time and the memory; if none fits, an error at the
@@ -145,7 +143,7 @@ class HSplitLoRA(SplitLoRA):
     def _ranks_for(self, cid: int, importance: dict[str, float]) -> dict[tuple[int, str], int]:
         """Ranks of client cid's client-side modules: hsplit.rank per module on the strongest device,
         scaled by this device's compute, spread by importance."""
-        shapes = {mod: s for mod, s in self._module_shapes().items() if self._client_side(cid, mod[0])}
+        shapes = {mod: s for mod, s in self.module_shapes.items() if self._client_side(cid, mod[0])}
         strongest = max(p.flops for p in self.profiles)
         budget = int(self.rank * sum(i + o for i, o in shapes.values()) * self.profiles[cid].flops / strongest)
         budget = max(budget, sum(i + o for i, o in shapes.values()))   # at least rank 1 everywhere
@@ -230,14 +228,10 @@ class HSplitLoRA(SplitLoRA):
         for mod in self._client_mods(cid):
             r0, r1 = old[mod], new[mod]
             if r1 > r0:
-                fan_in = self.shapes_of(mod)[0]
+                fan_in = self.module_shapes[mod][0]
                 bound = 1 / math.sqrt(fan_in)
                 rows[self.prefix[mod]] = (torch.rand(r1 - r0, fan_in, generator=self._init_gen) * 2 - 1) * bound
         return rows
-
-    def shapes_of(self, mod) -> tuple[int, int]:
-        """(in, out) of a LoRA target."""
-        return self._module_shapes()[mod]
 
     def layouts(self) -> dict[int, tuple[int, Shapes]]:
         """cid -> (split layer, shapes with its ranks client-side and max_rank server-side): cost model."""
@@ -354,11 +348,11 @@ class HSplitLoRA(SplitLoRA):
         return [sum(r.values()) / max(1, len(r)) for r in self.ranks]
 
     def client_trainable(self, cid: int) -> int:
-        shapes = self._module_shapes()
+        shapes = self.module_shapes
         return sum(r * sum(shapes[mod]) for mod, r in self.ranks[cid].items())
 
     def trainable_counts(self):
-        server = sum(self.max_rank * sum(s) for mod, s in self._module_shapes().items()
+        server = sum(self.max_rank * sum(s) for mod, s in self.module_shapes.items()
                      if min(self.splits) <= mod[0] < self.top)
         return max(self.client_trainable(i) for i in range(len(self.clients))), server
 
