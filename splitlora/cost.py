@@ -109,62 +109,82 @@ def resolve(spec, profiles: dict[str, Profile], where: str) -> Profile:
 
 # -- FLOPs from shapes ------------------------------------------------------------------------------
 
-# Where each linear layer sits in its block: 0 reads the block's (normed) input, then the attention
-# products, 1 the attention output projection, 2 reads the (normed) residual, 3 the MLP's output
-# projection. A layer's input needs a gradient iff something trainable is upstream of it.
-STAGES = {"gpt2": {"attn.c_attn": 0, "attn.c_proj": 1, "mlp.c_fc": 2, "mlp.c_proj": 3},
-          "llama": {"self_attn.q_proj": 0, "self_attn.k_proj": 0, "self_attn.v_proj": 0, "self_attn.o_proj": 1,
-                    "mlp.gate_proj": 2, "mlp.up_proj": 2, "mlp.down_proj": 3}}
-QKV = {"gpt2": ("attn.c_attn",) * 3, "llama": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")}
-
-
 @dataclass(frozen=True)
 class Linear:
     name: str      # within its block, e.g. self_attn.q_proj
     fan_in: int
     fan_out: int
     rank: int      # LoRA rank, 0 without LoRA
+    stage: tuple[int, int] = (0, 0)   # (branch, level) in its block: the family's `stages` (cost model)
+    uses: int = 1  # times each token passes it (a mixture of experts: num_experts_per_tok)
+
+    def after(self, other: "Linear") -> bool:
+        """This layer reads what `other` computed (a gradient needed by `other` flows through its input)."""
+        return other.stage[0] == self.stage[0] and other.stage[1] < self.stage[1]
+
+
+def _stage(value) -> tuple[int, int]:
+    return tuple(value) if isinstance(value, tuple) else (0, int(value))
+
+
+def _linears(module) -> list[tuple[str, int, int, int]]:
+    """(name, in, out, LoRA rank) of every Linear/Conv1D in `module` (a LoRA layer counts as its base)."""
+    from peft.tuners.lora import LoraLayer
+
+    found = []
+    for name, m in module.named_modules():
+        if isinstance(m, LoraLayer):
+            base, rank = m.get_base_layer(), sum(m.r.values())
+        elif ".base_layer" in name or ".lora_" in name or not hasattr(m, "weight") or \
+                type(m).__name__ not in ("Linear", "Conv1D"):
+            continue
+        else:
+            base, rank = m, 0
+        w = base.weight
+        fan_in, fan_out = (w.shape[0], w.shape[1]) if type(base).__name__ == "Conv1D" else (w.shape[1], w.shape[0])
+        found.append((name, int(fan_in), int(fan_out), int(rank)))
+    return found
 
 
 @dataclass
 class Shapes:
-    """What the FLOP count needs to know of a model: its blocks' linear layers, attention width,
-    hidden size and vocabulary."""
+    """What the FLOP count needs to know of a model: its blocks' linear layers (where each sits in its
+    block, from the model's family), attention width, the linear layers of the embedding side (OPT's
+    projection in) and of the head (LM head, OPT's projection out), hidden size and vocabulary."""
 
-    family: str
     blocks: list[list[Linear]]
+    qkv: tuple[str, str, str]   # the layers that make queries, keys and values (one name thrice if fused)
     attn_dim: int               # heads x head dim of the attention products
     hidden: int
     vocab: int
+    embed: list[Linear] = field(default_factory=list)
+    head: list[Linear] = field(default_factory=list)
 
     @classmethod
     def from_model(cls, peft_model) -> Shapes:
-        from peft.tuners.lora import LoraLayer
-
-        from .split import family_of
+        from .families import family_of
 
         hf = peft_model.get_base_model()
-        fam = family_of(hf.config)
-        blocks = []
-        for block in fam.modules(hf)["blocks"]:
-            found = []
-            for name, m in block.named_modules():
-                if isinstance(m, LoraLayer):
-                    base, rank = m.get_base_layer(), sum(m.r.values())
-                elif ".base_layer" in name or ".lora_" in name or not hasattr(m, "weight") or \
-                        type(m).__name__ not in ("Linear", "Conv1D"):
-                    continue
-                else:
-                    base, rank = m, 0
-                w = base.weight
-                fan_in, fan_out = (w.shape[0], w.shape[1]) if type(base).__name__ == "Conv1D" else (w.shape[1], w.shape[0])
-                found.append(Linear(name, int(fan_in), int(fan_out), int(rank)))
-            blocks.append(found)
-        cfg = hf.config
+        fam, cfg = family_of(hf.config), hf.config
+        stages = {k: _stage(v) for k, v in fam.stages_for(cfg).items()}
+
+        def placed(name, fan_in, fan_out, rank, uses=1):
+            if name not in stages:
+                raise CostError(f"cost model: family {fam.name} does not say where {name!r} sits in its block "
+                                f"(families/: add it to the family's stages)")
+            return Linear(name, fan_in, fan_out, rank, stages[name], uses)
+
+        mods = fam.modules(hf)
+        blocks = [[placed(*lin) for lin in _linears(block)] + [placed(n, i, o, 0, u) for n, i, o, u in fam.routed(cfg, block)]
+                  for block in mods["blocks"]]
+        side = {k: [Linear(n or k, i, o, r) for n, i, o, r in _linears(mods[k])]
+                for k in (*fam.embed_modules, *fam.head_modules) if k in mods}
         hidden = cfg.hidden_size if hasattr(cfg, "hidden_size") else cfg.n_embd
         heads = cfg.num_attention_heads if hasattr(cfg, "num_attention_heads") else cfg.n_head
         head_dim = getattr(cfg, "head_dim", None) or hidden // heads
-        return cls(fam.name, blocks, heads * head_dim, hidden, cfg.vocab_size)
+        return cls(blocks, fam.qkv, heads * head_dim, hidden, cfg.vocab_size,
+                   embed=[lin for k in fam.embed_modules for lin in side.get(k, [])],
+                   head=[lin for k in fam.head_modules for lin in side.get(k, [])])
 
 
 @dataclass
@@ -178,49 +198,56 @@ class Flops:
 
 
 def part_flops(s: Shapes, start: int, stop: int, head: bool, batch: int, seq: int, input_grad: bool,
-               frozen: frozenset = frozenset()) -> Flops:
+               frozen: frozenset = frozenset(), embed: bool | None = None) -> Flops:
     """FLOPs of one training pass of blocks [start, stop) (+ the LM head) on a batch x seq batch.
 
     Per token, a linear layer costs 2·in·out forward and, if its input needs a gradient, 2·in·out
     backward (no weight gradient: frozen). LoRA (rank r) costs 2·r·(in+out) forward; backward, a
     trainable one 2·r·(2·out+in) for the gradients of B, of A·x and of A, and every one 2·r·in more
-    for the input gradient (after 2·r·out for that of A·x, if frozen). The attention products cost
-    4·T·d per token forward (Q·Kᵀ and A·V, full T×T as the kernels compute it) and 2·T·d per gradient
-    backward (dQ, dK, dScores, dV, each only if needed). The head costs 2·H·V per token each way.
+    for the input gradient (after 2·r·out for that of A·x, if frozen). An expert layer of a mixture of
+    experts costs the same per token it routes (num_experts_per_tok per token). The attention products
+    cost 4·T·d per token forward (Q·Kᵀ and A·V, full T×T as the kernels compute it) and 2·T·d per
+    gradient backward (dQ, dK, dScores, dV, each only if needed). The head's linear layers (the LM head,
+    and any projection before it) cost 2·in·out per token each way; the embedding side's (a projection
+    after the token embedding), forward only.
     `input_grad`: the part's input needs a gradient (a server part returns it to the client).
     `frozen`: (block, layer name) of LoRA modules that get no gradient (DLoRA's killed adapters).
+    `embed`: the part holds the embeddings (default: it starts at block 0).
     Nothing is computed backward below the lowest trainable module (autograd does not go there).
     """
     n = batch * seq
     att = 2 * batch * seq * seq * s.attn_dim          # one T x T product
-    stages = STAGES[s.family]
 
     def trainable(b, lin):
         return lin.rank > 0 and (b, lin.name) not in frozen
 
     f = Flops()
+    if start == 0 if embed is None else embed:
+        f.forward += sum(2 * n * lin.fan_in * lin.fan_out for lin in s.embed)
     upstream = input_grad     # something below the current point needs a gradient
     for b in range(start, stop):
-        live = {stages.get(lin.name, 0) for lin in s.blocks[b] if trainable(b, lin)}
+        live = [lin for lin in s.blocks[b] if trainable(b, lin)]
         for lin in s.blocks[b]:
-            grad_in = upstream or any(st < stages.get(lin.name, 0) for st in live)
-            f.forward += 2 * n * lin.fan_in * lin.fan_out
-            f.backward += 2 * n * lin.fan_in * lin.fan_out if grad_in else 0
+            grad_in = upstream or any(lin.after(other) for other in live)
+            m = n * lin.uses
+            f.forward += 2 * m * lin.fan_in * lin.fan_out
+            f.backward += 2 * m * lin.fan_in * lin.fan_out if grad_in else 0
             if lin.rank:
                 r = lin.rank
-                f.forward += 2 * n * r * (lin.fan_in + lin.fan_out)
+                f.forward += 2 * m * r * (lin.fan_in + lin.fan_out)
                 if trainable(b, lin):
-                    f.backward += 2 * n * r * (2 * lin.fan_out + lin.fan_in) + (2 * n * r * lin.fan_in if grad_in else 0)
+                    f.backward += 2 * m * r * (2 * lin.fan_out + lin.fan_in) + (2 * m * r * lin.fan_in if grad_in else 0)
                 elif grad_in:
-                    f.backward += 2 * n * r * (lin.fan_out + lin.fan_in)
+                    f.backward += 2 * m * r * (lin.fan_out + lin.fan_in)
         names = {lin.name: trainable(b, lin) for lin in s.blocks[b]}
-        q, k, v = (upstream or names.get(name, False) for name in QKV[s.family])
+        q, k, v = (upstream or names.get(name, False) for name in s.qkv)
         f.forward += 2 * att
         f.backward += att * (q + k + (q or k) + v)
         upstream = upstream or bool(live)
     if head:
-        f.forward += 2 * n * s.hidden * s.vocab
-        f.backward += 2 * n * s.hidden * s.vocab if upstream else 0
+        for lin in s.head:
+            f.forward += 2 * n * lin.fan_in * lin.fan_out
+            f.backward += 2 * n * lin.fan_in * lin.fan_out if upstream else 0
     return f
 
 

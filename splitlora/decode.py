@@ -45,7 +45,8 @@ class DecodeConfig:
 class SplitForCausalLM(PreTrainedModel, GenerationMixin):
     """Client part + server part as one generate()-able model; one KV cache serves both parts."""
 
-    _supports_sdpa = _supports_flash_attn = _supports_flex_attn = True   # the parts' blocks decide
+    _supports_sdpa = _supports_flash_attn = _supports_flex_attn = True   # the parts' blocks decide,
+    _can_set_experts_implementation_cached_value = True                  # attention and experts alike
 
     def __init__(self, client: ModelPart, server: ModelPart):
         super().__init__(copy.deepcopy(client.config))   # init adjusts its config; keep the parts' own
@@ -70,7 +71,7 @@ class SplitForCausalLM(PreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(logits=logits, **{_OUTPUT_CACHE: cache})
 
     def get_input_embeddings(self):
-        return self.client.mods["embed_tokens" if "embed_tokens" in self.client.mods else "wte"]
+        return self.client.mods[self.client.family.embed_key]
 
 
 @torch.no_grad()

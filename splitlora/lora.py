@@ -13,15 +13,15 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 
 from .checkpoint import atomic_directory
-from .split import family_of
+from .families import family_of
 
 
 def lora_config(model_config, rank: int, alpha: float, dropout: float, target_modules=None,
                 rslora: bool = False) -> LoraConfig:
     fam = family_of(model_config)
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora,
-                      target_modules=list(target_modules or fam.default_targets),
-                      fan_in_fan_out=fam.name == "gpt2", bias="none", task_type="CAUSAL_LM")
+                      target_modules=list(target_modules or fam.targets),
+                      fan_in_fan_out=fam.conv1d, bias="none", task_type="CAUSAL_LM")
 
 
 def apply_lora(model, config: LoraConfig, seed: int) -> PeftModel:

@@ -25,12 +25,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from .checkpoint import atomic_directory
 from .errors import ModelError
-from .split import family_of, num_layers
+from .families import FAMILIES, family_of
+from .split import num_layers
 
 SMOLLM2 = "smollm2-135m-instruct"
 SHAPE_PREFIX = "shape:"
@@ -57,23 +58,14 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>")
 
 
-def _tiny_config(family: str, vocab_size: int):
-    if family == "gpt2":
-        return GPT2Config(vocab_size=vocab_size, n_positions=256, n_embd=64, n_layer=4, n_head=4,
-                          bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 2)
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                       tie_word_embeddings=True, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 2)
-
-
-PRESETS = {"tiny-gpt2": "gpt2", "tiny-llama": "llama"}
+PRESETS = {f"tiny-{t}": t for t in FAMILIES}   # tiny-llama, tiny-gpt2, tiny-qwen3, ...
 
 
 def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """A randomly initialised 4-layer model of `family` ('gpt2' or 'llama') with the byte tokenizer
-    (initialised in fp32, so every dtype holds the same values rounded)."""
+    """A randomly initialised 4-layer model of model type `family` (its family's tiny config) with the
+    byte tokenizer (initialised in fp32, so every dtype holds the same values rounded)."""
     tokenizer = byte_tokenizer()
-    config = _tiny_config(family, len(tokenizer))
+    config = FAMILIES[family].tiny(len(tokenizer))
     config.pad_token_id = tokenizer.pad_token_id
     config.eos_token_id = tokenizer.eos_token_id
     with torch.random.fork_rng():
@@ -223,24 +215,30 @@ def _load_partial(path: Path, keep: Keep, dtype: torch.dtype) -> PreTrainedModel
     for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
         aliases.setdefault(id(t), []).append(n)
     prefix = f"{model.base_model_prefix}." if model.base_model_prefix else ""
-    stored: dict[str, str] = {}    # model name to assign -> checkpoint key to read
+    family = family_of(config)
+    stored: dict[str, tuple[list[str], object]] = {}    # model name -> (checkpoint keys to read, combine)
     for names_of in aliases.values():
         if names_of[0] in names:
             # checkpoints of the bare base model (e.g. GPT-2's) store keys without the base model prefix
             candidates = [*names_of, *(n[len(prefix):] for n in names_of if prefix and n.startswith(prefix))]
             key = next((n for n in candidates if n in files), None)
-            if key is None:   # keys this loader cannot map: let transformers load it all, then free
+            # else the architecture's original layout (a mixture of experts' per-expert weights)
+            how = ([key], lambda t: t[0]) if key is not None else family.stored(names_of[0], files.keys())
+            if how is None or not all(k in files for k in how[0]) or not how[0]:
+                # keys this loader cannot map: let transformers load it all, then free
                 warnings.warn(f"{path}: no checkpoint key for {names_of[0]}; loading the whole model "
                               "and freeing what this process does not need", stacklevel=3)
                 return _load_then_free(path, keep, dtype)
-            stored[names_of[0]] = key
-    state = {}
-    for file in sorted({files[k] for k in stored.values()}):
+            stored[names_of[0]] = how
+    tensors: dict[str, torch.Tensor] = {}
+    wanted = {k for keys, _ in stored.values() for k in keys}
+    for file in sorted({files[k] for k in wanted}):
         with safe_open(str(file), "pt") as f:     # memory-mapped: only the tensors read are touched
-            for n, k in stored.items():
+            for k in wanted:
                 if files[k] == file:
                     t = f.get_tensor(k)
-                    state[n] = t.to(dtype) if t.is_floating_point() else t
+                    tensors[k] = t.to(dtype) if t.is_floating_point() else t
+    state = {n: combine([tensors.pop(k) for k in keys]) for n, (keys, combine) in stored.items()}
     model.load_state_dict(state, strict=False, assign=True)
     tie_weights(model)
     for p in model.parameters():

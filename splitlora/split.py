@@ -2,120 +2,24 @@
 
 The client part is embeddings + blocks [0, k); the server part is blocks [k, L) + final norm + LM head.
 Blocks, embeddings, norms, rotary tables and masks are the transformers modules and helpers themselves;
-a family adapter only says which modules a part needs and calls them the way the model's own forward
-does (GPT-2: learned positions added once, on the client; Llama-like: rotary tables on both sides).
-Both parts rebuild the causal/padding mask from the 2-D attention mask that travels with the batch.
+the model's family (families/) says which modules a part needs and calls them the way the model's own
+forward does (GPT-2: learned positions added once, on the client; rotary decoders: the tables on both
+sides; Gemma 2: soft-capped logits on the part with the head). Both parts rebuild the causal/padding
+mask and the position ids from the 2-D attention mask that travels with the batch.
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.utils.checkpoint
 from torch import nn
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from .errors import SplitError
+from .families import Family, family_of
 
-# The keyword under which transformers passes a KV cache to masks, blocks and model outputs: `cache` since
-# 5.24, `past_key_values` before (still accepted there, with a deprecation warning). Read from the library
-# itself, in this one place, so a part calls the blocks exactly as the installed model's forward does.
-CACHE_KW = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
-
-
-
-@dataclass(frozen=True)
-class Family:
-    name: str
-    model_types: tuple[str, ...]
-    default_targets: tuple[str, ...]   # LoRA targets: attention query and value (GPT-2 fuses q,k,v)
-    embed_modules: tuple[str, ...]     # modules only the first part needs
-    head_modules: tuple[str, ...]      # modules only the last part needs (others go to every part)
-    modules: Callable                  # hf_model -> dict of named modules, "blocks" among them
-    embed: Callable                    # (mods, input_ids, position_ids) -> hidden
-    masks: Callable                    # (config, hidden, attention_mask, position_ids) -> layer_idx -> mask
-    block: Callable                    # (block, hidden, mask, ctx) -> hidden
-    extra: Callable                    # (mods, hidden, position_ids) -> ctx shared by all blocks
-    head: Callable                     # (mods, hidden) -> logits
-
-
-def _gpt2_modules(m):
-    t = m.transformer
-    return {"wte": t.wte, "wpe": t.wpe, "drop": t.drop, "blocks": t.h, "ln_f": t.ln_f, "lm_head": m.lm_head}
-
-
-def _gpt2_embed(mods, input_ids, position_ids):
-    return mods["drop"](mods["wte"](input_ids) + mods["wpe"](position_ids))
-
-
-def _gpt2_block(block, hidden, mask, ctx):
-    cache = ctx["cache"]
-    return block(hidden, attention_mask=mask, encoder_hidden_states=None, encoder_attention_mask=None,
-                 use_cache=cache is not None, position_ids=ctx["position_ids"], **{CACHE_KW: cache})
-
-
-def _rotary_modules(m):
-    b = m.model
-    return {"embed_tokens": b.embed_tokens, "rotary_emb": b.rotary_emb, "blocks": b.layers,
-            "norm": b.norm, "lm_head": m.lm_head}
-
-
-def _rotary_extra(mods, hidden, position_ids):
-    return {"position_ids": position_ids, "position_embeddings": mods["rotary_emb"](hidden, position_ids)}
-
-
-def _rotary_block(block, hidden, mask, ctx):
-    return block(hidden, attention_mask=mask, position_embeddings=ctx["position_embeddings"],
-                 position_ids=ctx["position_ids"], use_cache=ctx["cache"] is not None, **{CACHE_KW: ctx["cache"]})
-
-
-def _masks(config, hidden, attention_mask, position_ids, cache=None, layers=range(0)):
-    """Per-layer masks exactly as the model's forward builds them (full, sliding, or by layer_types).
-
-    With a KV cache, each mask is sized against the first of `layers` of its kind: a part's own cache
-    layers, which (unlike the other part's) have not yet seen the current tokens.
-    """
-    layer_types = getattr(config, "layer_types", None)
-
-    def first(kind):
-        return next((i for i in layers if layer_types is None or layer_types[i] == kind), None)
-
-    kw = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids,
-              **{CACHE_KW: cache})
-    full = create_causal_mask(**kw, layer_idx=first("full_attention") if cache is not None else None)
-    sliding_needed = getattr(config, "sliding_window", None) and (
-        layer_types is None or "sliding_attention" in layer_types)
-    sliding = None
-    if sliding_needed:
-        sliding = create_sliding_window_causal_mask(
-            **kw, layer_idx=first("sliding_attention") if cache is not None else None)
-    if layer_types:
-        return lambda i: full if layer_types[i] == "full_attention" else sliding
-    return lambda i: sliding if sliding is not None else full
-
-
-FAMILIES = (
-    Family("gpt2", ("gpt2",), ("c_attn",), ("wte", "wpe", "drop"), ("ln_f", "lm_head"), _gpt2_modules, _gpt2_embed, _masks, _gpt2_block,
-           lambda mods, hidden, pos: {"position_ids": pos},
-           lambda mods, h: mods["lm_head"](mods["ln_f"](h))),
-    Family("llama", ("llama", "mistral", "qwen2"), ("q_proj", "v_proj"), ("embed_tokens",), ("norm", "lm_head"),
-           _rotary_modules,
-           lambda mods, ids, pos: mods["embed_tokens"](ids), _masks, _rotary_block, _rotary_extra,
-           lambda mods, h: mods["lm_head"](mods["norm"](h))),
-)
-
-
-def family_of(config) -> Family:
-    for fam in FAMILIES:
-        if config.model_type in fam.model_types:
-            return fam
-    supported = ", ".join(t for f in FAMILIES for t in f.model_types)
-    raise SplitError(f"model.name: model type {config.model_type!r} is not supported by the splitter "
-                     f"(supported: {supported})")
+__all__ = ["Family", "family_of"]   # re-exported: where a part's family comes from
 
 
 def num_layers(config) -> int:
@@ -149,21 +53,22 @@ class ModelPart(nn.Module):
         position ids, a transformers KV cache (layers are indexed globally, so one cache can serve both
         parts) and `logits_to_keep` (>0: only the last positions go through the LM head).
         """
+        fam, config = self.family, self.config
         if position_ids is None:
-            position_ids = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
-        h = self.family.embed(self.mods, x, position_ids) if self.has_embeddings else x
-        ctx = {**self.family.extra(self.mods, h, position_ids), "cache": cache}
-        mask = self.family.masks(self.config, h, attention_mask, position_ids, cache, range(self.start, self.stop))
+            position_ids = fam.positions(x, attention_mask)
+        h = fam.embed(config, self.mods, x, position_ids) if self.has_embeddings else x
+        ctx = {**fam.extra(config, self.mods, h, position_ids), "cache": cache}
+        mask = fam.masks(config, h, attention_mask, position_ids, cache, range(self.start, self.stop))
         recompute = self.checkpointing and self.training and cache is None and torch.is_grad_enabled()
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(self.blocks, start=self.start):
             if recompute:   # the RNG state is restored for the recomputation: the same dropout masks
-                h = torch.utils.checkpoint.checkpoint(self.family.block, block, h, mask(self.start + i), ctx,
+                h = torch.utils.checkpoint.checkpoint(fam.block, config, block, h, mask(i), ctx, i,
                                                       use_reentrant=False)
             else:
-                h = self.family.block(block, h, mask(self.start + i), ctx)
+                h = fam.block(config, block, h, mask(i), ctx, i)
         if not self.has_head:
             return h
-        return self.family.head(self.mods, h[:, -logits_to_keep:] if logits_to_keep else h)
+        return fam.head(config, self.mods, h[:, -logits_to_keep:] if logits_to_keep else h)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.adapter.values())

@@ -175,8 +175,9 @@ def attack(run_dir: str | Path, output: str | Path, depths=(1, 3, 6), noise_leve
             score({"channel": "activations", "depth": d, "noise_multiplier": noise, "clip_norm": clip},
                   defend(pa, clip, noise, seed=2)[pm], pi[pm], defend(va, clip, noise, seed=1)[vm], vi[vm])
 
-    mods = family_of(base.model.config).modules(base.model)
-    norm_w, head_w = (mods[n].weight.detach().float().cpu() for n in family_of(base.model.config).head_modules)
+    fam = family_of(base.model.config)
+    mods = fam.modules(base.model)
+    norm_w, head_w = (mods[n].weight.detach().float().cpu() for n in (fam.norm, fam.lm_head))
     for m in [m for m in top_layers if 1 <= m < total]:
         args = (pad, cfg.train.batch_size, cfg.train.label_smoothing)
         pg, pi, pm = top_gradients(public_model, public_feats, m, *args)

@@ -1,0 +1,262 @@
+"""Conformance of every model family (splitlora/families/): each test runs on each family's tiny random
+config, built from the family's own transformers config class. A family is supported when it passes
+all of them: the split, the U-shaped split and KV-cached split decoding compute what the unsplit model
+computes; the exported adapter is a plain PEFT adapter; the cost model counts what torch counts; a
+part loads only its own tensors; and a saved directory of the family trains and evaluates."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model_state_dict
+from safetensors import safe_open
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoModelForCausalLM
+
+import splitlora.models as M
+from splitlora.cost import Shapes, part_flops
+from splitlora.decode import DecodeConfig, SplitForCausalLM, check_cached_decoding, generate
+from splitlora.families import FAMILIES
+from splitlora.learning import lm_loss
+from splitlora.lora import apply_lora, export_adapter, lora_config
+from splitlora.split import split_model, split_u
+
+TYPES = sorted(FAMILIES)
+L = 4   # every tiny config has 4 blocks
+
+
+def lora_model(model_type: str, seed: int = 0, eager: bool = False):
+    """The family's tiny model with LoRA whose A *and* B are random (B = 0 would hide server-side errors)."""
+    lm = M.tiny_model(model_type, seed)
+    if eager:   # attention and experts as plain matrix products, which torch's FLOP counter sees
+        lm.model.set_attn_implementation("eager")
+        if lm.model.config._experts_implementation is not None:
+            lm.model.set_experts_implementation("eager")
+    peft = apply_lora(lm.model, lora_config(lm.model.config, rank=4, alpha=8, dropout=0.0), seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in peft.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return peft, lm.tokenizer
+
+
+def batch(seed: int = 0, length: int = 12):
+    """Right padding (rows of 12, 8 and 5 tokens), prompt tokens and padding out of the labels."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 256, (3, length), generator=gen)
+    mask = torch.ones(3, length, dtype=torch.long)
+    mask[1, 8:] = 0
+    mask[2, 5:] = 0
+    ids[mask == 0] = 257
+    labels = ids.clone()
+    labels[mask == 0] = -100
+    labels[:, :2] = -100
+    return ids, mask, labels
+
+
+def test_every_family_the_issue_names_is_registered():
+    named = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
+             "gemma3_text", "phi3", "olmo2", "granite", "smollm3", "gpt2", "gpt_neox", "opt"}
+    assert named <= set(FAMILIES)
+    for t in TYPES:
+        config = FAMILIES[t].tiny(258)
+        assert config.model_type == t and config.num_hidden_layers == L
+
+
+def test_the_tiny_configs_cover_each_quirk():
+    """Tied and untied heads, GQA and MQA, biases, sliding windows, soft-capping: each in some family."""
+    configs = {t: FAMILIES[t].tiny(258) for t in TYPES}
+    tied = {t for t, c in configs.items() if c.tie_word_embeddings}
+    assert tied and set(TYPES) - tied
+    kv = {t: getattr(c, "num_key_value_heads", None) or c.num_attention_heads for t, c in configs.items()}
+    assert any(1 < kv[t] < c.num_attention_heads for t, c in configs.items())      # GQA
+    assert any(kv[t] == 1 for t in configs)                                          # MQA
+    assert {"sliding_attention"} <= set(configs["gemma2"].layer_types) and configs["mistral"].sliding_window == 4
+    assert configs["gemma2"].final_logit_softcapping and configs["gemma2"].attn_logit_softcapping
+    peft, _ = lora_model("qwen2")
+    assert any(n.endswith("q_proj.base_layer.bias") for n, _ in peft.named_parameters())
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("model_type", TYPES)
+def test_split_equals_unsplit(model_type, mode):
+    """Loss, logits and every LoRA gradient, at two split points, right padding; train mode keeps the
+    families' own dropout (the same seed before both passes gives the same masks)."""
+    peft, _ = lora_model(model_type)
+    fam = FAMILIES[model_type]
+    ids, mask, labels = batch()
+    getattr(peft, mode)()
+    torch.manual_seed(123)
+    ref_logits = peft(input_ids=ids, attention_mask=mask).logits
+    ref_loss = lm_loss(ref_logits, labels, 0.1)
+    ref_loss.backward()
+    ref_grads = {n.replace(".default", ""): p.grad.clone() for n, p in peft.named_parameters() if p.requires_grad}
+    assert set(ref_grads) == set(get_peft_model_state_dict(peft))
+    for k in (1, 3):
+        client, server = (p.replicate() for p in split_model(peft, k))
+        for part in (client, server):
+            getattr(part, mode)()
+        assert all(fam.block_index(key) < k for key in client.adapter)
+        assert all(fam.block_index(key) >= k for key in server.adapter)
+        assert set(client.adapter) | set(server.adapter) == set(ref_grads)
+        torch.manual_seed(123)
+        h = client(ids, mask)
+        hs = h.detach().requires_grad_(True)
+        logits = server(hs, mask)
+        loss = lm_loss(logits, labels, 0.1)
+        loss.backward()
+        h.backward(hs.grad)
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+        for part in (client, server):
+            for key, p in part.adapter.items():
+                ref = ref_grads[key]
+                assert ref.norm() > 0, key
+                assert (p.grad - ref).norm() <= 1e-5 * ref.norm(), (k, key)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_ushaped_split_equals_unsplit(model_type):
+    """The U-shaped client (blocks [0, 1) and [3, 4), the final norm and the head, tied or not) and the
+    server (blocks [1, 3)) compute the unsplit logits."""
+    peft, _ = lora_model(model_type)
+    peft.eval()
+    ids, mask, _ = batch()
+    client, server = split_u(peft, 1, 1)
+    tied = peft.get_base_model().config.tie_word_embeddings
+    fam = FAMILIES[model_type]
+    assert client.top.has_head and fam.lm_head in client.top.mods and fam.lm_head not in server.mods
+    head, embedding = client.top.mods[fam.lm_head].weight, client.bottom.mods[fam.embed_key].weight
+    assert (head is embedding) == bool(tied)
+    with torch.no_grad():
+        ref = peft(input_ids=ids, attention_mask=mask).logits
+        out = client.top(server(client(ids, mask), mask), mask)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_kv_cached_split_decoding_equals_unsplit_generate(model_type):
+    peft, tok = lora_model(model_type)
+    split = SplitForCausalLM(*split_model(peft, 2))
+    prompts = ["name : The Eagle | food : French||", "area : riverside||"]
+    cfg = DecodeConfig.greedy(max_new_tokens=10, no_repeat_ngram_size=0)
+    a, _ = generate(split, tok, prompts, cfg)
+    b, _ = generate(peft, tok, prompts, cfg)
+    assert a == b and any(a)
+    assert check_cached_decoding(split, tok, prompts[0], new_tokens=6) <= 1e-3
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_exported_adapter_loads_into_plain_peft(model_type, tmp_path):
+    """The parts' adapter slices, stitched and exported, loaded by PEFT onto a fresh unsplit base, give
+    the split model's logits."""
+    peft, _ = lora_model(model_type, seed=2)
+    peft.eval()
+    client, server = split_model(peft, 2)
+    state = {**client.adapter_state(), **server.adapter_state()}
+    ids, mask, _ = batch()
+    with torch.no_grad():
+        want = server(client(ids, mask), mask)
+    export_adapter(peft, state, tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["target_modules"]
+    base = M.tiny_model(model_type, seed=2).model
+    loaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        got = loaded(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _counted(fc: FlopCounterMode) -> int:
+    """torch's total less the rotary tables' (inv_freq x positions), which the cost model does not price."""
+    rotary = sum(sum(ops.values()) for name, ops in fc.get_flop_counts().items() if name.endswith("rotary_emb"))
+    return fc.get_total_flops() - rotary
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_cost_model_flops_equal_torch_flop_counter(model_type):
+    """A client part (embeddings + 2 blocks) and a server part (2 blocks + head), forward and backward."""
+    peft, _ = lora_model(model_type, eager=True)
+    peft.train()
+    for m in peft.modules():   # dropout off: the counts do not depend on it, the comparison must not either
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    s = Shapes.from_model(peft)
+    client, server = split_model(peft, 2)
+    b, t = 2, 12
+    hidden = peft.get_base_model().config.hidden_size
+    for part, start, stop, head, grad in ((client, 0, 2, False, False), (server, 2, L, True, True)):
+        x = torch.randint(0, 256, (b, t)) if start == 0 else torch.randn(b, t, hidden, requires_grad=grad)
+        mask = torch.ones(b, t, dtype=torch.long)
+        with FlopCounterMode(display=False) as fc:
+            out = part(x, mask)
+        fwd = _counted(fc)
+        with FlopCounterMode(display=False) as fc:
+            out.float().square().mean().backward()
+        f = part_flops(s, start, stop, head, b, t, input_grad=grad)
+        assert (f.forward, f.backward) == (fwd, _counted(fc)), (model_type, start)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_a_part_loads_only_its_own_tensors(model_type, tmp_path, monkeypatch):
+    """From a saved directory, a client process (embeddings + blocks [0, 2)) reads only those tensors
+    (and the head, when it is the tied embedding), and its part computes the whole model's part."""
+    lm = M.tiny_model(model_type, seed=5)
+    lm.model.save_pretrained(tmp_path)
+    lm.tokenizer.save_pretrained(tmp_path)
+    fam = FAMILIES[model_type]
+    read: list[str] = []
+    real_open = M.safe_open
+
+    class Spy:
+        def __init__(self, *a, **kw):
+            self.f = real_open(*a, **kw)
+
+        def __enter__(self):
+            self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def keys(self):
+            return self.f.keys()
+
+        def get_tensor(self, key):
+            read.append(key)
+            return self.f.get_tensor(key)
+
+    monkeypatch.setattr(M, "safe_open", Spy)
+    part_model = M.load_model(str(tmp_path), layers=range(2), head=False).model
+    blocks = {fam.block_index(k) for k in read} - {None}
+    assert blocks == {0, 1}, read
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        stored = set(f.keys())
+    outside = {k for k in stored if fam.block_index(k) is None}
+    assert set(read) - {k for k in stored if fam.block_index(k) in (0, 1)} <= outside
+    assert len(read) < len(stored)
+    ids = torch.randint(0, 256, (2, 10))
+    mask = torch.ones_like(ids)
+    from splitlora.split import ModelPart
+    whole = M.tiny_model(model_type, seed=5).model
+    with torch.no_grad():
+        got = ModelPart(fam, part_model.config, fam.modules(part_model), 0, 2, {}).eval()(ids, mask)
+        want = ModelPart(fam, whole.config, fam.modules(whole), 0, 2, {}).eval()(ids, mask)
+    assert torch.equal(got, want)
+
+
+def test_block_index_reads_each_familys_keys():
+    assert FAMILIES["gpt2"].block_index("base_model.model.transformer.h.3.attn.c_attn.lora_A.weight") == 3
+    assert FAMILIES["gpt_neox"].block_index("gpt_neox.layers.12.attention.dense.weight") == 12
+    assert FAMILIES["opt"].block_index("model.decoder.layers.0.fc1.weight") == 0
+    assert FAMILIES["llama"].block_index("model.embed_tokens.weight") is None
+    assert FAMILIES["llama"].block_index("lm_head.weight") is None
+
+
+def test_auto_model_builds_every_tiny_config():
+    """The tiny configs are the transformers classes' own: AutoModelForCausalLM maps each to its model."""
+    for t in TYPES:
+        model = AutoModelForCausalLM.from_config(FAMILIES[t].tiny(258))
+        assert FAMILIES[t].modules(model)["blocks"] is not None
