@@ -251,6 +251,26 @@ def part_flops(s: Shapes, start: int, stop: int, head: bool, batch: int, seq: in
     return f
 
 
+def counted_flops(part, x, attention_mask) -> tuple[int, int]:
+    """(forward, backward) FLOPs torch's FLOP counter sees in one training pass of `part` on `x` (the
+    loss: the mean square of its output), less the rotary tables' (inv_freq x positions), which the cost
+    model does not price. What `part_flops` must equal, with attention (and experts) in eager mode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def counted(fc):
+        rotary = sum(sum(ops.values()) for name, ops in fc.get_flop_counts().items() if name.endswith("rotary_emb"))
+        return fc.get_total_flops() - rotary
+
+    with FlopCounterMode(display=False) as fc:
+        out = part(x, attention_mask)
+    forward = counted(fc)
+    if not out.requires_grad:
+        return forward, 0
+    with FlopCounterMode(display=False) as fc:
+        out.float().square().mean().backward()
+    return forward, counted(fc)
+
+
 # -- memory -----------------------------------------------------------------------------------------
 
 def part_memory_bytes(total_params: int, trainable: int, s: Shapes, start: int, stop: int, head: bool,

@@ -265,7 +265,7 @@ def load_hf_dir(path: str | os.PathLike, name: str | None = None, keep: Keep | N
 def load_model(name: str, seed: int = 0, layers: range | None = None, embeddings: bool = True,
                head: bool = True, top_layers: int = 0, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", quantization: str = "none") -> LoadedModel:
-    """`name` is a preset (smollm2-135m-instruct, tiny-gpt2, tiny-llama, shape:NAME) or a local HF directory.
+    """`name` is a preset (smollm2-135m-instruct, tiny-MODEL_TYPE, shape:NAME) or a local HF directory.
 
     The base weights are loaded in `dtype` and placed on `device` (what is not materialised stays on meta).
 
@@ -294,8 +294,9 @@ def load_model(name: str, seed: int = 0, layers: range | None = None, embeddings
         lm = load_hf_dir(name, keep=keep, dtype=dtype)
     else:
         from .shapes import SHAPES
-        raise ModelError(f"model.name: {name!r} is neither a preset ({', '.join([SMOLLM2, *PRESETS])}, "
-                         f"{', '.join(SHAPE_PREFIX + s for s in SHAPES)}) nor an existing model directory")
+        raise ModelError(f"model.name: {name!r} is neither a preset ({SMOLLM2}, tiny-MODEL_TYPE for "
+                         f"{', '.join(FAMILIES)}, {', '.join(SHAPE_PREFIX + s for s in SHAPES)}) nor an "
+                         "existing model directory")
     to_device(lm.model, device)
     if quantization != "none":
         from .quantize import quantize_blocks

@@ -86,7 +86,7 @@ def mark(model: nn.Module, method: str) -> None:
 
 def quantize_blocks(model, method: str, dtype: torch.dtype) -> None:
     """Quantize the materialised blocks of a causal LM (the rest stays as it is)."""
-    from .split import family_of
+    from .families import family_of
 
     for block in family_of(model.config).modules(model)["blocks"]:
         if any(p.device.type != "meta" for p in block.parameters()):

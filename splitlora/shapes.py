@@ -56,7 +56,7 @@ def shape_model(name: str, keep, dtype: torch.dtype, device, seed: int = 0, toke
     """A LoadedModel of preset `name` (`shape:` prefix) with the `keep` parts (models.Keep; None: all)
     materialised; `quantize(block)` is applied to each kept block right after it is materialised."""
     from .models import Keep, LoadedModel, parameters_on_meta, tie_weights, kept_names, to_device
-    from .split import family_of
+    from .families import family_of
 
     key = name.removeprefix("shape:")
     if key not in SHAPES:

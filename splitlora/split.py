@@ -19,9 +19,6 @@ from torch import nn
 from .errors import SplitError
 from .families import Family, family_of
 
-__all__ = ["Family", "family_of"]   # re-exported: where a part's family comes from
-
-
 def num_layers(config) -> int:
     return config.num_hidden_layers if hasattr(config, "num_hidden_layers") else config.n_layer
 

@@ -292,3 +292,74 @@ def test_a_saved_directory_of_each_family_trains_and_evaluates_from_the_cli(mode
     assert metrics["cache_check_max_relative_diff"] < 1e-3 and metrics["num_mrs"] == 2
     adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert set(adapter["target_modules"]) == set(FAMILIES[model_type].targets)
+
+
+def _config(model_type: str, **kw):
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    return CONFIG_MAPPING[model_type](**kw)
+
+
+def test_an_unnamed_llama_layout_type_is_accepted_after_the_conformance_check():
+    """Helium has no family of its own; its forward is Llama's, so the check passes (with a warning) and
+    it splits exactly; its tiny model is shrunk from the user's config."""
+    from splitlora.families import family_of
+
+    config = _config("helium", vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=257)
+    with pytest.warns(UserWarning, match="'helium' has no family of its own"):
+        family = family_of(config)
+    assert family.name == "helium" and "helium" not in FAMILIES
+    assert family_of(config) is family      # decided once per config
+    torch.manual_seed(0)
+    peft = apply_lora(AutoModelForCausalLM.from_config(config), lora_config(config, 4, 8, 0.0), 0).eval()
+    with torch.no_grad():
+        for p in peft.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    ids, mask, _ = batch()
+    client, server = split_model(peft, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(server(client(ids, mask), mask), peft(input_ids=ids, attention_mask=mask).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type, overrides, reason", [
+    ("cohere", {}, "other logits"),                      # scales its logits in the causal LM's forward
+    ("olmoe", {}, "FLOP count"),                         # experts outside nn.Linear: the cost model would miss them
+    ("starcoder2", {}, "linear layers"),                 # c_fc / c_proj: not Llama's names
+    ("bloom", {}, "has no model.embed_tokens"),          # another layout
+    ("granite_swa", {"embedding_multiplier": 12.0}, "other logits"),   # accepted at 1.0, refused at 12.0
+])
+def test_an_unnamed_type_the_default_family_would_split_wrong_is_refused_with_the_reason(model_type, overrides,
+                                                                                     reason):
+    from splitlora.errors import SplitError
+    from splitlora.families import family_of
+
+    with pytest.raises(SplitError, match=reason) as err:
+        family_of(_config(model_type, **overrides))
+    assert f"'{model_type}' is not supported" in str(err.value) and "gemma2" in str(err.value)
+    if model_type == "granite_swa":   # the same type with its scalings at 1 is Llama's forward
+        with pytest.warns(UserWarning):
+            assert family_of(_config(model_type)).name == "granite_swa"
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_every_strategy_trains_on_every_family(model_type, make_config, tmp_path):
+    """Two steps of each strategy (and a U-shaped SplitLoRA) on the family's tiny model: finite losses, and
+    one PEFT adapter of the family's default targets exported."""
+    from conftest import read_metrics
+
+    from splitlora.strategies import available
+    from splitlora.train import train
+
+    runs = [(name, {}) for name in available()] + [("splitlora", {"model.top_layers": 1})]
+    for name, extra in runs:
+        cfg = make_config({"model.name": f"tiny-{model_type}", "strategy.name": name, "train.max_steps": 2,
+                           "train.eval_interval": 2, **extra})
+        run = tmp_path / f"{name}-{len(extra)}"
+        assert train(cfg, run, progress=False)["step"] == 2
+        losses = [r["train_loss"] for r in read_metrics(run) if r["train_loss"] is not None]
+        assert losses and all(loss == loss and loss < 20 for loss in losses), (name, losses)
+        adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
+        assert set(adapter["target_modules"]) == set(FAMILIES[model_type].targets), name

@@ -11,7 +11,8 @@ import splitlora.build as B
 import splitlora.models as M
 import splitlora.train as T
 from splitlora.runtime import runtime_of
-from splitlora.split import family_of, split_model
+from splitlora.families import family_of
+from splitlora.split import split_model
 
 SMOLLM2_FILE = M.cache_dir() / M.SMOLLM2 / "model.safetensors"
 

@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, BloomConfig
 from splitlora.lora import apply_lora, lora_config
 from splitlora.models import tiny_model
 from splitlora.learning import lm_loss
-from splitlora.split import SplitError, family_of, split_model
+from splitlora.families import family_of
+from splitlora.split import SplitError, split_model
 
 FAMILIES = ["gpt2", "llama"]
 NUM_LAYERS = 4  # tiny presets

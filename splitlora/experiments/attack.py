@@ -137,7 +137,8 @@ def attack(run_dir: str | Path, output: str | Path, depths=(1, 3, 6), noise_leve
     from ..lora import apply_lora, lora_config
     from ..models import load_model
     from ..runtime import runtime_of
-    from ..split import family_of, num_layers
+    from ..families import family_of
+    from ..split import num_layers
     from ..train import load_examples
 
     run_dir, out = Path(run_dir), Path(output)

@@ -91,7 +91,7 @@ def _part_params(shape: str, side: str, split_layer: int) -> int:
 
     from ..models import parameters_on_meta
     from ..shapes import SHAPES
-    from ..split import family_of
+    from ..families import family_of
 
     config = SHAPES[shape]()
     with parameters_on_meta():

@@ -21,7 +21,7 @@ def noisy_validation_loss(cfg, run_dir, seed: int = 0) -> float:
     from ..build import role_model
     from ..learning import clip_and_noise
     from ..runtime import runtime_of
-    from ..split import family_of
+    from ..families import family_of
     from ..train import load_examples, model_loss
 
     runtime = runtime_of(cfg, "server")

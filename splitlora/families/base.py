@@ -52,6 +52,7 @@ class Family:
     qkv: tuple[str, str, str] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
     conv1d: bool = False
     cache_kw: str = CACHE_KW        # the keyword a block takes its KV cache by
+    rotary_by_layer_type: bool = False   # one rotary table per kind of layer (sliding / full attention)
     tiny: Callable = None
 
     def __init__(self, name: str, tiny: Callable, **facts):
@@ -108,12 +109,18 @@ class Family:
 
     def extra(self, config, mods, hidden, position_ids) -> dict:
         """What every block of a part shares (rotary tables), computed once per part."""
-        return {"position_ids": position_ids, "position_embeddings": mods["rotary_emb"](hidden, position_ids)}
+        rotary = mods["rotary_emb"]
+        if self.rotary_by_layer_type:
+            tables = {t: rotary(hidden, position_ids, t) for t in sorted(set(config.layer_types))}
+        else:
+            tables = rotary(hidden, position_ids)
+        return {"position_ids": position_ids, "position_embeddings": tables}
 
     def block(self, config, block, hidden, mask, ctx, i: int) -> torch.Tensor:
-        return block(hidden, attention_mask=mask, position_embeddings=ctx["position_embeddings"],
-                     position_ids=ctx["position_ids"], use_cache=ctx["cache"] is not None,
-                     **{self.cache_kw: ctx["cache"]})
+        tables = ctx["position_embeddings"]
+        return block(hidden, attention_mask=mask, position_ids=ctx["position_ids"],
+                     position_embeddings=tables[config.layer_types[i]] if self.rotary_by_layer_type else tables,
+                     use_cache=ctx["cache"] is not None, **{self.cache_kw: ctx["cache"]})
 
     def head(self, config, mods, hidden) -> torch.Tensor:
         return mods["lm_head"](mods["norm"](hidden))

@@ -1,7 +1,7 @@
 """Gemma, Gemma 2, Gemma 3 (text). Their embedding module multiplies by √hidden itself; Gemma 2 and 3
 soft-cap the logits (the head here does, as their causal LM's forward does) and the attention scores
 (inside their blocks), and mix sliding-window and full-attention layers; Gemma 3 has a rotary table per
-kind of layer."""
+kind of layer and no logit soft-capping by default (the tiny config sets it, to test the head)."""
 
 from __future__ import annotations
 
@@ -23,21 +23,12 @@ class Gemma(Family):
         return logits
 
 
-class Gemma3(Gemma):
-    def extra(self, config, mods, hidden, position_ids):
-        tables = {t: mods["rotary_emb"](hidden, position_ids, t) for t in set(config.layer_types)}
-        return {"position_ids": position_ids, "position_embeddings": tables}
-
-    def block(self, config, block, hidden, mask, ctx, i):
-        ctx = {**ctx, "position_embeddings": ctx["position_embeddings"][config.layer_types[i]]}
-        return super().block(config, block, hidden, mask, ctx, i)
-
-
 GEMMA = dict(head_dim=16, tie_word_embeddings=True)
 FAMILIES = [
     Gemma("gemma", lambda v: GemmaConfig(**_ids(v), **SMALL, **GEMMA)),
     Gemma("gemma2", lambda v: Gemma2Config(**_ids(v), **SMALL, **GEMMA, sliding_window=4, layer_types=MIXED,
                                           final_logit_softcapping=3.0, attn_logit_softcapping=5.0)),
-    Gemma3("gemma3_text", lambda v: Gemma3TextConfig(**_ids(v), **SMALL, **GEMMA, sliding_window=4,
-                                                    layer_types=MIXED, final_logit_softcapping=3.0)),
+    Gemma("gemma3_text", lambda v: Gemma3TextConfig(**_ids(v), **SMALL, **GEMMA, sliding_window=4,
+                                                   layer_types=MIXED, final_logit_softcapping=3.0),
+          rotary_by_layer_type=True),
 ]

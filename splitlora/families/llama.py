@@ -1,10 +1,11 @@
 """Rotary decoders with Llama's layout and forward: Llama, Mistral (sliding window), Qwen2 (q/k/v biases),
-Qwen3 (q/k norms), OLMo2 (norms after attention and MLP), SmolLM3 (layers without rotary positions).
+Qwen3 (q/k norms), OLMo 2 (norms after attention and MLP), OLMo 3 (and sliding windows, with a rotary
+table per kind of layer), SmolLM3 (layers without rotary positions).
 What differs between them lives inside their blocks, which the split calls as the model's forward does."""
 
 from __future__ import annotations
 
-from transformers import LlamaConfig, MistralConfig, Olmo2Config, Qwen2Config, Qwen3Config, SmolLM3Config
+from transformers import LlamaConfig, MistralConfig, Olmo2Config, Olmo3Config, Qwen2Config, Qwen3Config, SmolLM3Config
 
 from .base import Family
 
@@ -31,6 +32,10 @@ FAMILIES = [
     Family("qwen3", lambda v: Qwen3Config(**_ids(v), **{**SMALL, "num_key_value_heads": 1}, head_dim=16,
                                          tie_word_embeddings=False)),
     Family("olmo2", lambda v: Olmo2Config(**_ids(v), **SMALL, tie_word_embeddings=False)),
+    # OLMo 3: OLMo 2's blocks, sliding-window and full layers, a rotary table per kind of layer
+    Family("olmo3", lambda v: Olmo3Config(**_ids(v), **SMALL, sliding_window=4, layer_types=[
+        "sliding_attention", "full_attention", "sliding_attention", "full_attention"], tie_word_embeddings=False),
+        rotary_by_layer_type=True),
     Family("smollm3", lambda v: SmolLM3Config(**_ids(v), **SMALL, no_rope_layer_interval=2,
                                              tie_word_embeddings=True)),
 ]
