@@ -8,10 +8,9 @@ import dataclasses
 import pytest
 import torch
 from conftest import read_metrics, run_training
-from torch.utils.flop_counter import FlopCounterMode
 
 from splitlora.config import ConfigError
-from splitlora.cost import PROFILES, CostModel, Profile, Shapes, StepWork, part_flops
+from splitlora.cost import PROFILES, CostModel, Profile, Shapes, StepWork, counted_flops, part_flops
 from splitlora.lora import apply_lora, lora_config
 from splitlora.models import tiny_model
 from splitlora.train import build_run
@@ -50,28 +49,13 @@ def test_tiny_llama_client_part_flops_by_hand():
     assert (server.forward, server.backward) == (2 * fwd_block + head, 2 * upper_bwd + head)
 
 
-def _counted(fc: FlopCounterMode) -> int:
-    """torch's total less the rotary tables' (inv_freq x positions: a matrix product in some transformers
-    versions, elementwise in others, and not what the cost model prices)."""
-    rotary = sum(sum(ops.values()) for name, ops in fc.get_flop_counts().items() if name.endswith("rotary_emb"))
-    return fc.get_total_flops() - rotary
-
-
 def _measured(part, b: int, t: int, input_grad: bool) -> tuple[int, int]:
     """(forward, backward) matrix-product FLOPs torch counts for one training pass of `part`."""
-    vocab = part.config.vocab_size
     if part.has_embeddings:
-        x = torch.randint(0, vocab, (b, t))
+        x = torch.randint(0, part.config.vocab_size, (b, t))
     else:
-        x = torch.randn(b, t, part.config.hidden_size if hasattr(part.config, "hidden_size") else part.config.n_embd,
-                        requires_grad=input_grad)
-    mask = torch.ones(b, t, dtype=torch.long)
-    with FlopCounterMode(display=False) as fc:
-        out = part(x, mask)
-    fwd = _counted(fc)
-    with FlopCounterMode(display=False) as fc:
-        out.float().square().mean().backward()
-    return fwd, _counted(fc)
+        x = torch.randn(b, t, part.config.hidden_size, requires_grad=input_grad)
+    return counted_flops(part, x, torch.ones(b, t, dtype=torch.long))
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -232,16 +216,7 @@ def _lora_params(part, block: int, name: str):
 
 
 def _measured_client(part, b: int, t: int) -> tuple[int, int]:
-    x = torch.randint(0, part.config.vocab_size, (b, t))
-    mask = torch.ones(b, t, dtype=torch.long)
-    with FlopCounterMode(display=False) as fc:
-        out = part(x, mask)
-    fwd = _counted(fc)
-    if not out.requires_grad:
-        return fwd, 0
-    with FlopCounterMode(display=False) as fc:
-        out.square().mean().backward()
-    return fwd, _counted(fc)
+    return _measured(part, b, t, input_grad=False)
 
 
 def test_compare_reuse_reads_finished_runs(make_config, tmp_path):

@@ -12,11 +12,10 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model_state_dict
 from safetensors import safe_open
-from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM
 
 import splitlora.models as M
-from splitlora.cost import Shapes, part_flops
+from splitlora.cost import Shapes, counted_flops, part_flops
 from splitlora.decode import DecodeConfig, SplitForCausalLM, check_cached_decoding, generate
 from splitlora.families import FAMILIES
 from splitlora.learning import lm_loss
@@ -169,12 +168,6 @@ def test_exported_adapter_loads_into_plain_peft(model_type, tmp_path):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def _counted(fc: FlopCounterMode) -> int:
-    """torch's total less the rotary tables' (inv_freq x positions), which the cost model does not price."""
-    rotary = sum(sum(ops.values()) for name, ops in fc.get_flop_counts().items() if name.endswith("rotary_emb"))
-    return fc.get_total_flops() - rotary
-
-
 @pytest.mark.parametrize("model_type", TYPES)
 def test_cost_model_flops_equal_torch_flop_counter(model_type):
     """A client part (embeddings + 2 blocks) and a server part (2 blocks + head), forward and backward."""
@@ -189,14 +182,9 @@ def test_cost_model_flops_equal_torch_flop_counter(model_type):
     hidden = peft.get_base_model().config.hidden_size
     for part, start, stop, head, grad in ((client, 0, 2, False, False), (server, 2, L, True, True)):
         x = torch.randint(0, 256, (b, t)) if start == 0 else torch.randn(b, t, hidden, requires_grad=grad)
-        mask = torch.ones(b, t, dtype=torch.long)
-        with FlopCounterMode(display=False) as fc:
-            out = part(x, mask)
-        fwd = _counted(fc)
-        with FlopCounterMode(display=False) as fc:
-            out.float().square().mean().backward()
+        counted = counted_flops(part, x, torch.ones(b, t, dtype=torch.long))   # torch's FLOP counter
         f = part_flops(s, start, stop, head, b, t, input_grad=grad)
-        assert (f.forward, f.backward) == (fwd, _counted(fc)), (model_type, start)
+        assert (f.forward, f.backward) == counted, (model_type, start)
 
 
 @pytest.mark.parametrize("model_type", TYPES)
