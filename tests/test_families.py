@@ -288,15 +288,15 @@ def _config(model_type: str, **kw):
     return CONFIG_MAPPING[model_type](**kw)
 
 
-def test_an_unnamed_llama_layout_type_is_accepted_after_the_conformance_check():
+def test_an_unnamed_llama_layout_type_is_accepted_after_the_conformance_check(caplog):
     """Helium has no family of its own; its forward is Llama's, so the check passes (with a warning) and
     it splits exactly; its tiny model is shrunk from the user's config."""
     from splitlora.families import family_of
 
     config = _config("helium", vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=257)
-    with pytest.warns(UserWarning, match="'helium' has no family of its own"):
-        family = family_of(config)
+    family = family_of(config)
+    assert "'helium' has no family of its own" in caplog.text
     assert family.name == "helium" and "helium" not in FAMILIES
     assert family_of(config) is family      # decided once per config
     torch.manual_seed(0)
@@ -328,8 +328,7 @@ def test_an_unnamed_type_the_default_family_would_split_wrong_is_refused_with_th
         family_of(_config(model_type, **overrides))
     assert f"'{model_type}' is not supported" in str(err.value) and "gemma2" in str(err.value)
     if model_type == "granite_swa":   # the same type with its scalings at 1 is Llama's forward
-        with pytest.warns(UserWarning):
-            assert family_of(_config(model_type)).name == "granite_swa"
+        assert family_of(_config(model_type)).name == "granite_swa"
 
 
 @pytest.mark.parametrize("model_type", TYPES)

@@ -4,7 +4,7 @@ no family names is accepted only if the default family passes a conformance chec
 
 from __future__ import annotations
 
-import warnings
+import logging
 
 from ..errors import SplitError
 from . import gemma, gpt2, gpt_neox, granite, llama, moe, opt, phi3
@@ -56,9 +56,10 @@ def family_of(config) -> Family:
             del _CHECKING[t]
         _CHECKED[key] = family if why is None else why
         if why is None:
-            warnings.warn(f"model type {t!r} has no family of its own in splitlora; it has Llama's layout and "
-                          "passed the split conformance check (logits, LoRA gradients, cached decoding, FLOPs) "
-                          "on a tiny model of its config, so it is split with the default family", stacklevel=2)
+            logging.getLogger("splitlora").warning(
+                f"model type {t!r} has no family of its own in splitlora; it has Llama's layout and passed the "
+                "split conformance check (logits, LoRA gradients, cached decoding, FLOPs) on a tiny model of its "
+                "config, so it is split with the default family")
     found = _CHECKED[key]
     if isinstance(found, Family):
         return found
