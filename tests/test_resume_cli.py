@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, OPTConfig
+from transformers import AutoModelForCausalLM, BloomConfig
 
 from splitlora.cli import main
 from splitlora.models import byte_tokenizer
@@ -142,15 +142,14 @@ def test_cli_missing_data_file(capsys, config_file, tmp_path):
 
 
 def test_cli_unsupported_model_family(capsys, config_file, tmp_path):
-    opt_dir = tmp_path / "tiny-opt"
-    config = OPTConfig(vocab_size=258, hidden_size=16, num_hidden_layers=2, ffn_dim=32, num_attention_heads=2,
-                       max_position_embeddings=256, word_embed_proj_dim=16, pad_token_id=257)
+    bloom_dir = tmp_path / "tiny-bloom"    # ALiBi positions, its own layout: no family, refused by the check
+    config = BloomConfig(vocab_size=258, hidden_size=16, n_layer=2, n_head=2, pad_token_id=257)
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(opt_dir)
-    byte_tokenizer().save_pretrained(opt_dir)
-    line = cli_error(capsys, train_argv(config_file, tmp_path, f"model.name={opt_dir}"))
-    assert "opt" in line
-    for supported in ("gpt2", "llama"):
+    AutoModelForCausalLM.from_config(config).save_pretrained(bloom_dir)
+    byte_tokenizer().save_pretrained(bloom_dir)
+    line = cli_error(capsys, train_argv(config_file, tmp_path, f"model.name={bloom_dir}"))
+    assert "'bloom' is not supported" in line and "model.name" in line
+    for supported in ("gpt2", "llama", "opt", "gemma2"):
         assert supported in line
 
 
