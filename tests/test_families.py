@@ -189,8 +189,9 @@ def test_cost_model_flops_equal_torch_flop_counter(model_type):
 
 @pytest.mark.parametrize("model_type", TYPES)
 def test_a_part_loads_only_its_own_tensors(model_type, tmp_path, monkeypatch):
-    """From a saved directory, a client process (embeddings + blocks [0, 2)) reads only those tensors
-    (and the head, when it is the tied embedding), and its part computes the whole model's part."""
+    """From a saved directory, a client process (embeddings + blocks [0, 2)) and a server process
+    (blocks [2, 4), final norm, head) read only their blocks' tensors, and each part computes the whole
+    model's part."""
     lm = M.tiny_model(model_type, seed=5)
     lm.model.save_pretrained(tmp_path)
     lm.tokenizer.save_pretrained(tmp_path)
@@ -217,22 +218,24 @@ def test_a_part_loads_only_its_own_tensors(model_type, tmp_path, monkeypatch):
             return self.f.get_tensor(key)
 
     monkeypatch.setattr(M, "safe_open", Spy)
-    part_model = M.load_model(str(tmp_path), layers=range(2), head=False).model
-    blocks = {fam.block_index(k) for k in read} - {None}
-    assert blocks == {0, 1}, read
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         stored = set(f.keys())
-    outside = {k for k in stored if fam.block_index(k) is None}
-    assert set(read) - {k for k in stored if fam.block_index(k) in (0, 1)} <= outside
-    assert len(read) < len(stored)
-    ids = torch.randint(0, 256, (2, 10))
-    mask = torch.ones_like(ids)
-    from splitlora.split import ModelPart
+    outside = {k for k in stored if fam.block_index(k) is None}   # embeddings, final norm, head
     whole = M.tiny_model(model_type, seed=5).model
-    with torch.no_grad():
-        got = ModelPart(fam, part_model.config, fam.modules(part_model), 0, 2, {}).eval()(ids, mask)
-        want = ModelPart(fam, whole.config, fam.modules(whole), 0, 2, {}).eval()(ids, mask)
-    assert torch.equal(got, want)
+    from splitlora.split import ModelPart
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (2, 10), generator=gen)
+    hidden = torch.randn(2, 10, whole.config.hidden_size, generator=gen)
+    for layers, kw, x in ((range(2), {"head": False}, ids), (range(2, L), {"embeddings": False}, hidden)):
+        read.clear()
+        part_model = M.load_model(str(tmp_path), layers=layers, **kw).model
+        assert {fam.block_index(k) for k in read} - {None} == set(layers), read
+        assert set(read) - {k for k in stored if fam.block_index(k) in layers} <= outside
+        assert len(read) < len(stored)
+        with torch.no_grad():
+            got = ModelPart(fam, part_model.config, fam.modules(part_model), layers.start, layers.stop, {}).eval()
+            want = ModelPart(fam, whole.config, fam.modules(whole), layers.start, layers.stop, {}).eval()
+            assert torch.equal(got(x, torch.ones(2, 10, dtype=torch.long)), want(x, torch.ones(2, 10, dtype=torch.long)))
 
 
 def test_block_index_reads_each_familys_keys():

@@ -17,6 +17,10 @@ class GPTNeoX(Family):
     def head(self, config, mods, hidden):
         return mods["lm_head"](mods["final_layer_norm"](hidden))
 
+    def stored(self, name, keys):
+        """Checkpoints keep the head under its original name, `embed_out`."""
+        return (["embed_out.weight"], lambda t: t[0]) if name == "lm_head.weight" else None
+
     def stages_for(self, config):
         if config.use_parallel_residual:   # (branch, level): the MLP branch does not read the attention's
             return {"attention.query_key_value": (0, 0), "attention.dense": (0, 1),
