@@ -74,14 +74,15 @@ def test_bf16_split_equals_unsplit_and_checkpointing_changes_nothing(family, che
 
 
 def test_gradient_checkpointing_recomputes_blocks():
-    import dataclasses
+    import copy
 
     lm = tiny_model("llama", 0)
     peft = apply_lora(lm.model, lora_config(lm.model.config, 4, 8, 0.0), 0)
     peft.train()
     client, _ = split_model(peft, 2)
     calls, block = [], client.family.block
-    client.family = dataclasses.replace(client.family, block=lambda *a: calls.append(1) or block(*a))
+    client.family = copy.copy(client.family)
+    client.family.block = lambda *a: calls.append(1) or block(*a)
     ids = torch.randint(0, 250, (1, 8))
     for on in (False, True):
         calls.clear()
