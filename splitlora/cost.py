@@ -198,7 +198,7 @@ class Flops:
 
 
 def part_flops(s: Shapes, start: int, stop: int, head: bool, batch: int, seq: int, input_grad: bool,
-               frozen: frozenset = frozenset(), embed: bool | None = None) -> Flops:
+               frozen: frozenset = frozenset()) -> Flops:
     """FLOPs of one training pass of blocks [start, stop) (+ the LM head) on a batch x seq batch.
 
     Per token, a linear layer costs 2·in·out forward and, if its input needs a gradient, 2·in·out
@@ -212,7 +212,6 @@ def part_flops(s: Shapes, start: int, stop: int, head: bool, batch: int, seq: in
     after the token embedding), forward only.
     `input_grad`: the part's input needs a gradient (a server part returns it to the client).
     `frozen`: (block, layer name) of LoRA modules that get no gradient (DLoRA's killed adapters).
-    `embed`: the part holds the embeddings (default: it starts at block 0).
     Nothing is computed backward below the lowest trainable module (autograd does not go there).
     """
     n = batch * seq
@@ -222,7 +221,7 @@ def part_flops(s: Shapes, start: int, stop: int, head: bool, batch: int, seq: in
         return lin.rank > 0 and (b, lin.name) not in frozen
 
     f = Flops()
-    if start == 0 if embed is None else embed:
+    if start == 0:   # the part holds the embeddings
         f.forward += sum(2 * n * lin.fan_in * lin.fan_out for lin in s.embed)
     upstream = input_grad     # something below the current point needs a gradient
     for b in range(start, stop):

@@ -20,6 +20,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -216,7 +217,7 @@ def _load_partial(path: Path, keep: Keep, dtype: torch.dtype) -> PreTrainedModel
         aliases.setdefault(id(t), []).append(n)
     prefix = f"{model.base_model_prefix}." if model.base_model_prefix else ""
     family = family_of(config)
-    stored: dict[str, tuple[list[str], object]] = {}    # model name -> (checkpoint keys to read, combine)
+    stored: dict[str, tuple[list[str], Callable]] = {}   # model name -> (checkpoint keys to read, combine)
     for names_of in aliases.values():
         if names_of[0] in names:
             # checkpoints of the bare base model (e.g. GPT-2's) store keys without the base model prefix
