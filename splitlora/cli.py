@@ -45,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=int)
     e.add_argument("--batch-size", type=int, help="MRs decoded together")
     e.add_argument("--no-progress", action="store_true")
+    g = sub.add_parser("generate", help="decode a prompt with a trained run (rendered as the run's data was)")
+    g.add_argument("run_dir", metavar="RUN_DIR")
+    g.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    g.add_argument("--mode", default="merged", choices=["merged", "split"])
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--beam", type=int, default=1, help="beam size (default 1: greedy)")
     s_ = sub.add_parser("score", help="score predictions against references like the E2E scorer")
     s_.add_argument("references", metavar="REFERENCES", help="references.txt (groups split by blank lines) or CSV")
     s_.add_argument("predictions", metavar="PREDICTIONS", help="predictions.txt (one line per MR) or CSV")
@@ -176,6 +182,19 @@ def _eval(args) -> None:
     result = evaluate(args.run_dir, args.output, cfg, split=args.split, limit=args.limit, mode=args.mode,
                       progress=not args.no_progress)
     print(table(result))
+
+
+def _generate(args) -> None:
+    from .chat import prompt_for
+    from .decode import DecodeConfig, generate
+    from .evaluate import load_trained
+
+    model, tokenizer, cfg = load_trained(args.run_dir, args.mode)
+    prompts = [prompt_for(cfg.data, tokenizer, p) for p in args.prompt]
+    texts, _ = generate(model, tokenizer, prompts, DecodeConfig.greedy(num_beams=args.beam, no_repeat_ngram_size=0,
+                                                                       max_new_tokens=args.max_new_tokens))
+    for prompt, text in zip(args.prompt, texts, strict=True):
+        print(json.dumps({"prompt": prompt, "output": text}, ensure_ascii=False))
 
 
 def _score(args) -> None:
@@ -316,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_libraries()
     try:
-        commands = {"train": _train, "eval": _eval, "score": _score, "serve": _serve, "client": _client,
+        commands = {"train": _train, "eval": _eval, "generate": _generate, "score": _score, "serve": _serve, "client": _client,
                     "certs": _certs, "calibrate": _calibrate, "compare": _compare, "attack": _attack,
                     "bench": _bench}
         commands[args.command](args)

@@ -52,15 +52,43 @@ class LoraSection(_Section):
 
 
 class DataSection(_Section):
-    name: Literal["e2e", "jsonl"] = "e2e"
-    train_file: str = "data/e2e/devset.csv"
+    name: Literal["e2e", "jsonl", "hf"] = "e2e"
+    train_file: str = "data/e2e/devset.csv"   # e2e, jsonl
     val_file: str | None = None               # None: hold out val_fraction of train groups (by MR)
     val_fraction: float = Field(0.1, ge=0, lt=1)
     val_max_samples: int = Field(64, ge=1)
     max_length: int = Field(128, ge=8)
-    partition: Literal["iid", "dirichlet", "attribute"] = "iid"
+    # hf: a local dataset through `datasets` (hfdata.py): files or a save_to_disk directory, a split
+    # (`train`, `train[:90%]`), an optional validation split, a format (formats/) and its column names
+    path: str | None = None
+    split: str = "train"
+    val_split: str | None = None              # None: hold out val_fraction of the split's groups
+    format: str = "prompt_completion"         # prompt_completion, alpaca, messages, text
+    fields: dict[str, str] = {}               # the format's key -> the dataset's column
+    max_samples: int | None = Field(None, ge=1)   # keep only the first N rows (the rest is never read)
+    chat_template: Literal["auto", "none"] = "none"   # auto: the tokenizer's template, loss on assistant turns
+    # iid; dirichlet over partition_attribute (any column); attribute: one client per value; quantity:
+    # IID content, client sizes from client_sizes (relative) or a seeded power law (exponent power_law)
+    partition: Literal["iid", "dirichlet", "attribute", "quantity"] = "iid"
     partition_attribute: str = "food"
     dirichlet_alpha: float = Field(0.5, gt=0)
+    client_sizes: list[float] | None = None
+    power_law: float = Field(1.5, gt=0)
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, name: str) -> str:
+        from .formats import NAMES
+
+        if name not in NAMES:
+            raise ValueError(f"unknown data format {name!r} (known: {', '.join(NAMES)})")
+        return name
+
+    @model_validator(mode="after")
+    def _hf_needs_a_path(self):
+        if self.name == "hf" and not self.path:
+            raise ValueError("data.path: data.name hf reads a local dataset; give its file or directory")
+        return self
 
 
 class StrategySection(_Section):
@@ -96,6 +124,7 @@ class TrainSection(_Section):
     eval_batch_size: int = Field(8, ge=1)
     log_interval: int = Field(10, ge=1)
     checkpoint_interval: int = Field(100, ge=1)
+    tensorboard: bool = False   # also write metrics.jsonl's scalars to RUN_DIR/tb/ (torch.utils.tensorboard)
 
 
 class WireSection(_Section):

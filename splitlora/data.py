@@ -35,6 +35,9 @@ class Example:
     completion: str  # target text, without eos (tokenize() appends it)
     attributes: dict[str, str] = field(default_factory=dict, hash=False, compare=True)
     group: str = ""  # E2E: raw MR string; JSONL: the prompt
+    # a chat rendering as (text, in the loss) pieces (chat.py): the loss on the assistant's turns only;
+    # empty: prompt + completion + eos, the loss on the completion and eos
+    segments: tuple[tuple[str, bool], ...] = ()
 
 
 
@@ -171,28 +174,33 @@ def partition(
     seed: int,
     attribute: str = "eatType",
     alpha: float = 0.5,
+    sizes: Sequence[float] | None = None,
+    power_law: float = 1.5,
 ) -> list[list[Example]]:
-    """Split examples across clients by ``scheme`` ("iid", "dirichlet", "attribute").
+    """Split examples across clients by ``scheme`` ("iid", "dirichlet", "attribute", "quantity").
 
     Deterministic for a given seed; every example lands in exactly one client.
     Within a client, examples keep their input order for "dirichlet" and
-    "attribute"; "iid" clients hold slices of a seeded shuffle.
+    "attribute"; "iid" clients hold slices of a seeded shuffle; "quantity" too, of
+    sizes proportional to ``sizes`` (relative) or to weights drawn from a power law
+    (Pareto, exponent ``power_law``), each client at least one example.
     """
-    if scheme not in ("iid", "dirichlet", "attribute"):
-        raise DataError(f"unknown partition scheme {scheme!r}; expected 'iid', 'dirichlet' or 'attribute'")
+    if scheme not in ("iid", "dirichlet", "attribute", "quantity"):
+        raise DataError(f"unknown partition scheme {scheme!r}; expected 'iid', 'dirichlet', 'attribute' or "
+                        "'quantity'")
     if not 1 <= num_clients <= len(examples):
         raise DataError(
             f"partition scheme {scheme!r}: num_clients must be in [1, {len(examples)}], got {num_clients}"
         )
     n = len(examples)
 
-    if scheme == "iid":
+    if scheme in ("iid", "quantity"):
         order = list(range(n))
         random.Random(seed).shuffle(order)
-        base, extra = divmod(n, num_clients)
+        counts = _quantities(n, num_clients, sizes, power_law, seed) if scheme == "quantity" else \
+            [n // num_clients + (1 if c < n % num_clients else 0) for c in range(num_clients)]
         parts, start = [], 0
-        for client in range(num_clients):
-            size = base + (1 if client < extra else 0)
+        for size in counts:
             parts.append([examples[i] for i in order[start:start + size]])
             start += size
         return parts
@@ -228,6 +236,33 @@ def partition(
     return [[examples[i] for i in sorted(indices)] for indices in assigned]
 
 
+def _quantities(n: int, num_clients: int, sizes, power_law: float, seed: int) -> list[int]:
+    """Client sizes summing to n, proportional to `sizes` or to seeded Pareto weights; each at least 1."""
+    if sizes is not None:
+        if len(sizes) != num_clients or any(s <= 0 for s in sizes):
+            raise DataError(f"client_sizes: {num_clients} positive weights needed, got {list(sizes)}")
+        weights = np.asarray(sizes, dtype=float)
+    else:
+        weights = np.random.default_rng(seed).pareto(power_law, num_clients) + 1.0
+    counts = np.maximum(1, np.floor(weights / weights.sum() * (n - num_clients)).astype(int) + 1)
+    counts[int(np.argmax(counts))] += n - int(counts.sum())
+    return [int(c) for c in counts]
+
+
+def partition_summary(parts: Sequence[Sequence[Example]], attribute: str) -> list[dict]:
+    """Each client's number of examples and histogram of `attribute` values (written to the run)."""
+    return [{"client": c, "examples": len(part),
+             attribute: dict(sorted(_histogram(_attribute_value(ex, attribute) for ex in part).items()))}
+            for c, part in enumerate(parts)]
+
+
+def _histogram(values: Iterable[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    return counts
+
+
 def tokenize(examples: Iterable[Example], tokenizer, max_length: int) -> list[dict[str, list[int]]]:
     """Tokenize prompt + completion + eos, masking the prompt out of the labels.
 
@@ -240,6 +275,12 @@ def tokenize(examples: Iterable[Example], tokenizer, max_length: int) -> list[di
         raise DataError("tokenizer has no eos_token_id")
     features = []
     for ex in examples:
+        if ex.segments:
+            input_ids, labels = _tokenize_segments(ex.segments, tokenizer)
+            input_ids, labels = input_ids[:max_length], labels[:max_length]
+            if any(label != IGNORE_INDEX for label in labels):
+                features.append({"input_ids": input_ids, "labels": labels})
+            continue
         prompt_ids = tokenizer(ex.prompt, add_special_tokens=False).input_ids
         completion_ids = tokenizer(ex.completion, add_special_tokens=False).input_ids
         completion_ids = completion_ids + [tokenizer.eos_token_id]
@@ -249,6 +290,22 @@ def tokenize(examples: Iterable[Example], tokenizer, max_length: int) -> list[di
             continue
         features.append({"input_ids": input_ids, "labels": labels})
     return features
+
+
+def _tokenize_segments(segments, tokenizer) -> tuple[list[int], list[int]]:
+    """The whole rendering tokenized at once (as it is at inference), each token in the loss iff it
+    starts inside a trained piece (the fast tokenizer's character offsets say where)."""
+    text, trained, at = "", [], 0
+    for piece, in_loss in segments:
+        if in_loss:
+            trained.append((at, at + len(piece)))
+        text, at = text + piece, at + len(piece)
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError("chat examples need a fast tokenizer (character offsets mark the assistant's tokens)")
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    labels = [t if any(a <= start < b for a, b in trained) else IGNORE_INDEX
+              for t, (start, _) in zip(enc.input_ids, enc.offset_mapping)]
+    return list(enc.input_ids), labels
 
 
 def collate(features: Sequence[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -1,5 +1,7 @@
-"""Evaluate a trained run on E2E: decode one output per unique MR, score BLEU, NIST, METEOR, ROUGE-L and
-CIDEr against all references of that MR, and compute perplexity on the references.
+"""Evaluate a trained run: decode one output per unique prompt (an E2E MR), score it against all
+references of that prompt, and compute perplexity on the references. E2E runs get the official scorer's
+BLEU, NIST, METEOR, ROUGE-L and CIDEr; other tasks exact match, BLEU and ROUGE-L (metrics/task.py);
+plain language modelling (`data.format: text`) perplexity only.
 
 Writes predictions.txt and references.txt in the official scorer's plain-text format, and metrics.json.
 """
@@ -43,16 +45,17 @@ def load_trained(run_dir: str | Path, mode: str = "merged"):
     return model.eval(), lm.tokenizer, cfg
 
 
-def eval_examples(cfg: Config, split: str) -> list[D.Example]:
+def eval_examples(cfg: Config, split: str, tokenizer=None) -> list[D.Example]:
     if split == "test":
         if cfg.data.name != "e2e":
             raise ConfigError(f"--split test: the E2E test set does not fit a run trained on {cfg.data.name} data "
                               f"({cfg.data.train_file}); use --split validation (its held-out examples, or "
                               "data.val_file)")
-        return D.load_e2e(resolve_path("test file", TEST_FILE))
+        from .chat import apply
+        return apply(D.load_e2e(resolve_path("test file", TEST_FILE)), tokenizer, cfg.data.chat_template)
     if split == "validation":
         from .train import load_examples
-        return load_examples(cfg)[1]
+        return load_examples(cfg, tokenizer)[1]
     raise ConfigError(f"--split: {split!r} is not one of test, validation")
 
 
@@ -69,7 +72,9 @@ def evaluate(run_dir: str | Path, output: str | Path, decode: DecodeConfig, spli
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer, cfg = load_trained(run_dir, mode)
-    examples = eval_examples(cfg, split)
+    examples = eval_examples(cfg, split, tokenizer)
+    if cfg.data.name == "hf" and cfg.data.format == "text":   # nothing to decode from: perplexity only
+        return _perplexity_only(cfg, model, tokenizer, examples[:limit] if limit else examples, out, run_dir, split)
     prompts = {ex.group: ex.prompt for ex in reversed(examples)}     # first prompt of each group
     refs = D.group_references(examples)
     groups = list(refs)[:limit] if limit else list(refs)
@@ -87,7 +92,11 @@ def evaluate(run_dir: str | Path, output: str | Path, decode: DecodeConfig, spli
     references = [refs[g] for g in groups]
     M.write_predictions(out / "predictions.txt", preds)
     M.write_references(out / "references.txt", references)
-    scores = M.score(preds, references)
+    if cfg.data.name == "e2e":
+        scores = M.score(preds, references)
+    else:
+        from .metrics.task import task_scores
+        scores = task_scores(preds, references)
     result = {**scores, "perplexity": ppl, "num_mrs": len(groups), "split": split, "mode": mode,
               "run": str(run_dir), "model": cfg.model.name, "decoding": decode.to_dict(), **speed,
               "cache_check_max_relative_diff": cache_check,
@@ -96,8 +105,20 @@ def evaluate(run_dir: str | Path, output: str | Path, decode: DecodeConfig, spli
     return result
 
 
+def _perplexity_only(cfg, model, tokenizer, examples, out: Path, run_dir, split: str) -> dict:
+    result = {"perplexity": perplexity(model, tokenizer, examples, cfg.data.max_length), "num_examples": len(examples),
+              "split": split, "run": str(run_dir), "model": cfg.model.name}
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
 def table(result: dict) -> str:
-    keys = ["BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr", "perplexity"]
+    if "exact_match" in result:
+        keys = ["exact_match", "BLEU", "ROUGE_L", "perplexity"]
+    elif "num_mrs" in result:
+        keys = ["BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr", "perplexity"]
+    else:
+        return f"perplexity {result['perplexity']:.4f} over {result['num_examples']} examples"
     cells = [f"{result[k]:.4f}" if isinstance(result.get(k), float) else "n/a" for k in keys]
     width = [max(len(k), len(c)) for k, c in zip(keys, cells, strict=True)]
     line = lambda xs: "  ".join(x.rjust(w) for x, w in zip(xs, width, strict=True))  # noqa: E731

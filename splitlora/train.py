@@ -45,26 +45,54 @@ class Run:
     strategy: Strategy
     val_features: list[dict]
     cost: CostModel
+    partition: list[dict] = field(default_factory=list)   # each client's size and attribute histogram
 
 
-def load_examples(cfg: Config) -> tuple[list[D.Example], list[D.Example]]:
-    load = D.load_e2e if cfg.data.name == "e2e" else D.load_jsonl
-    train = load(resolve_path("data.train_file", cfg.data.train_file))
+def load_examples(cfg: Config, tokenizer=None) -> tuple[list[D.Example], list[D.Example]]:
+    """(training, validation) examples; `tokenizer` renders chat templates (data.name hf)."""
+    if cfg.data.name == "hf":
+        from .hfdata import load_hf
+        data = replace_path(cfg.data)
+        train = load_hf(data, tokenizer)
+        if data.val_split:
+            return train, load_hf(data, tokenizer, data.val_split)
+        if cfg.data.val_fraction == 0:
+            raise ConfigError("data.val_fraction: 0 with no data.val_split leaves no validation set")
+        return D.split_by_group(train, cfg.data.val_fraction, cfg.train.seed)
+    from .chat import apply
+
+    def load(field, value):
+        read = D.load_e2e if cfg.data.name == "e2e" else D.load_jsonl
+        return apply(read(resolve_path(field, value)), tokenizer, cfg.data.chat_template)
+
+    train = load("data.train_file", cfg.data.train_file)
     if cfg.data.val_file:
-        return train, load(resolve_path("data.val_file", cfg.data.val_file))
+        return train, load("data.val_file", cfg.data.val_file)
     if cfg.data.val_fraction == 0:
         raise ConfigError("data.val_fraction: 0 with no data.val_file leaves no validation set")
     return D.split_by_group(train, cfg.data.val_fraction, cfg.train.seed)
 
 
+def replace_path(data):
+    """The data section with data.path resolved (as given, else relative to the repository)."""
+    return data.model_copy(update={"path": str(resolve_path("data.path", data.path))})
+
+
+def client_examples(cfg: Config, train_ex: list[D.Example]) -> list[list[D.Example]]:
+    """Every client's share of the training examples (data.partition)."""
+    d = cfg.data
+    try:
+        return D.partition(train_ex, cfg.strategy.num_clients, d.partition, cfg.train.seed,
+                           attribute=d.partition_attribute, alpha=d.dirichlet_alpha, sizes=d.client_sizes,
+                           power_law=d.power_law)
+    except D.DataError as e:
+        raise D.DataError(f"strategy.num_clients / data.partition: {e}") from None
+
+
 def client_data(cfg: Config, tokenizer, train_ex: list[D.Example], only: int | None = None) -> list[list[dict]]:
     """Every client's tokenized partition of the training data (with `only`: just that client's,
     as a one-element list)."""
-    try:
-        parts = D.partition(train_ex, cfg.strategy.num_clients, cfg.data.partition, cfg.train.seed,
-                            attribute=cfg.data.partition_attribute, alpha=cfg.data.dirichlet_alpha)
-    except D.DataError as e:
-        raise D.DataError(f"strategy.num_clients / data.partition: {e}") from None
+    parts = client_examples(cfg, train_ex)
     ids = range(len(parts)) if only is None else [only]
     feats = [D.tokenize(parts[i], tokenizer, cfg.data.max_length) for i in ids]
     for i, f in zip(ids, feats):
@@ -118,7 +146,6 @@ def build_run(cfg: Config, hub=None) -> Run:
     """Everything a training run needs. With a `hub` (deployed server), clients are remote: their data
     stays with them and the strategy reaches them through the hub's sessions."""
     torch.manual_seed(cfg.train.seed)
-    train_ex, val_ex = load_examples(cfg)
     server = runtime_of(cfg, "server")
     # a deployed server does not resolve its clients' devices: they are other machines'
     clients = [runtime_of(cfg, "client", cid) for cid in range(cfg.strategy.num_clients)] if hub is None else None
@@ -126,6 +153,7 @@ def build_run(cfg: Config, hub=None) -> Run:
         raise ConfigError("runtime.client_devices: a quantized base is built on one device; in one simulation the "
                           "clients must share the server's device (a deployment puts each role where it runs)")
     lm, template = role_model(cfg, server)   # the simulator's model, on the server's device
+    train_ex, val_ex = load_examples(cfg, lm.tokenizer)
     val = D.tokenize(val_ex, lm.tokenizer, cfg.data.max_length)[: cfg.data.val_max_samples]
     _nonempty(cfg, val, "validation set")
     if hub is None:
@@ -138,7 +166,8 @@ def build_run(cfg: Config, hub=None) -> Run:
         strategy = cls(setup, **cls.options(cfg))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return Run(cfg, lm.tokenizer, template, strategy, val, cost_model(cfg, template))
+    partition = D.partition_summary(client_examples(cfg, train_ex), cfg.data.partition_attribute)
+    return Run(cfg, lm.tokenizer, template, strategy, val, cost_model(cfg, template), partition)
 
 
 def _remote_clients(cfg: Config, hub, lm, template, train_ex, val_features):
@@ -186,12 +215,12 @@ def client_role(cfg: Config, cid: int) -> Client:
     if not 0 <= cid < cfg.strategy.num_clients:
         raise ConfigError(f"--client-id: {cid} is not in [0, {cfg.strategy.num_clients})")
     torch.manual_seed(cfg.train.seed)
-    train_ex, _ = load_examples(cfg)
     cls, u = strategies.get(cfg.strategy.name), cfg.model.top_layers
     runtime = runtime_of(cfg, "client", cid)
     depth = cls.client_depth(cfg)
     lm, template = role_model(cfg, runtime) if depth is None else \
         role_model(cfg, runtime, layers=range(depth), head=bool(u), top_layers=u)
+    train_ex, _ = load_examples(cfg, lm.tokenizer)
     features = client_data(cfg, lm.tokenizer, train_ex, only=cid)[0]
     depth = cls.client_depth(cfg, num_layers(lm.model.config))
     part = full_part(template) if depth is None else client_part(template, depth, u)
@@ -245,6 +274,7 @@ class Tally:
     samples: int = 0
     last_val: float | None = None
     losses: list = field(default_factory=list)
+    board: object = None    # a TensorBoard writer (train.tensorboard)
 
     def restore(self, state: dict, resume: Path) -> None:
         strategy = self.run.strategy
@@ -271,6 +301,8 @@ class Tally:
                "refused_updates": strategy.refused_updates, **strategy.extra_metrics()}
         with (self.out / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(rec) + "\n")
+        if self.board is not None:
+            self.board.write(rec)
         return rec
 
     def checkpoint(self, step: int) -> None:
@@ -316,8 +348,12 @@ def train(cfg: Config, output: str | Path, resume: str | Path | None = None,
     out.mkdir(parents=True, exist_ok=True)
     remove_partial(out / "checkpoint")   # what interrupted checkpoint writes left
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    (out / "partition.json").write_text(json.dumps(run.partition, indent=2))
 
     tally = Tally(run, out)
+    if tcfg.tensorboard:
+        from .board import Board
+        tally.board = Board(out / "tb", purge_step=state["step"] if state is not None else None)
     if hub is not None:
         hub.start_step = state["step"] if state is not None else 0
         if state is None:   # clients still holding an earlier run's state start over

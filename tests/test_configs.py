@@ -23,7 +23,7 @@ def test_the_configs_are_there():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_config_trains_as_it_is(path, e2e_file, tmp_path):
     cfg = load_config(path, [
-        "model.name=tiny-llama", f"data.train_file={e2e_file}", "data.max_length=256", "data.val_max_samples=4",
+        "model.name=tiny-llama", f"data.train_file={e2e_file}", "data.max_length=512", "data.val_max_samples=4",
         "train.max_steps=2", "train.warmup_steps=0", "train.eval_interval=2", "train.checkpoint_interval=2",
         "strategy.aggregation_interval=2", "hsplit.max_split_layer=3"])
     train(cfg, tmp_path / "run", progress=False)

@@ -150,7 +150,7 @@ def attack(run_dir: str | Path, output: str | Path, depths=(1, 3, 6), noise_leve
     base = load_model(cfg.model.name, seed=cfg.train.seed, dtype=rt.dtype, device=rt.device)
     _, victim = role_model(cfg, rt, adapter=run_dir / "adapter")
     tok, pad = base.tokenizer, base.tokenizer.pad_token_id
-    _, val = load_examples(cfg)
+    _, val = load_examples(cfg, base.tokenizer)
     private = D.tokenize(val, tok, cfg.data.max_length)[:victims]
     public_file = resolve_path("data", "data/e2e/testset_w_refs.csv")
     public_feats = D.tokenize(D.load_e2e(public_file)[:public], tok, cfg.data.max_length)

@@ -26,7 +26,7 @@ def noisy_validation_loss(cfg, run_dir, seed: int = 0) -> float:
 
     runtime = runtime_of(cfg, "server")
     lm, model = role_model(cfg, runtime, adapter=Path(run_dir) / "adapter")
-    features = D.tokenize(load_examples(cfg)[1], lm.tokenizer, cfg.data.max_length)[: cfg.data.val_max_samples]
+    features = D.tokenize(load_examples(cfg, lm.tokenizer)[1], lm.tokenizer, cfg.data.max_length)[: cfg.data.val_max_samples]
     block = family_of(lm.model.config).modules(lm.model)["blocks"][cfg.model.split_layer - 1]
     gen, p = runtime.generator(seed), cfg.privacy
 

@@ -1,0 +1,22 @@
+"""`prompt_completion`: a prompt and the completion to learn. With a chat template, a user turn and the
+assistant's answer; without, the two texts joined as they are (put the separator you want in them)."""
+
+from __future__ import annotations
+
+from ..data import Example
+from .common import text_field
+
+FIELDS = {"prompt": "prompt", "completion": "completion"}
+
+
+def example(row: dict, fields: dict, chat, where: str) -> Example:
+    prompt, completion = text_field(row, fields, "prompt", where), text_field(row, fields, "completion", where)
+    if chat.uses_template:
+        return chat_example(chat, prompt, completion, where)
+    return Example(prompt, completion, {}, prompt)
+
+
+def chat_example(chat, prompt: str, completion: str, where: str) -> Example:
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    rendered = chat.prompt(messages)
+    return Example(rendered, completion, {}, rendered, tuple(chat.segments(messages, where)))
