@@ -181,6 +181,22 @@ def tiny_run(tiny_config, tmp_path) -> Path:
     return tmp_path / "run"
 
 
+def test_generate(tmp_path, e2e_file, capsys):
+    """`splitlora generate RUN_DIR --prompt ...` decodes each prompt (merged and split: the same text)."""
+    config = write_config(tmp_path, e2e_file, {"train.max_steps": 2})
+    assert main(["train", "--config", str(config), "--output", str(tmp_path / "run"), "--no-progress"]) == 0
+    capsys.readouterr()
+    outputs = []
+    for mode in ("merged", "split"):
+        assert main(["generate", str(tmp_path / "run"), "--prompt", "name : Alimentum||", "--prompt",
+                     "name : Cotto | food : French||", "--max-new-tokens", "5", "--mode", mode]) == 0
+        lines = [json.loads(ln) for ln in capsys.readouterr().out.strip().splitlines()]
+        assert [ln["prompt"] for ln in lines] == ["name : Alimentum||", "name : Cotto | food : French||"]
+        outputs.append([ln["output"] for ln in lines])
+    assert outputs[0] == outputs[1]
+    assert main(["generate", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+
+
 def test_score(tmp_path, capsys):
     refs, preds = tmp_path / "refs.txt", tmp_path / "preds.txt"
     refs.write_text("The Eagle is a pub.\nThe Eagle serves food.\n\nA cafe near the river.\n")
