@@ -51,13 +51,15 @@ def test_readme_python_api_example_runs(tmp_path, monkeypatch):
 
 
 def test_readme_own_data_example_runs(tmp_path):
-    """The README's worked JSONL example, command by command, on the tiny Llama and two steps."""
+    """The README's worked example (a JSONL file of one's own, through datasets, with its own column names)
+    command by command, on the tiny Llama and two steps."""
     import subprocess
     import sys
 
-    block = re.search(r"## Your own data \(JSONL\).*?```bash\n(.*?)```", README.read_text(), re.S).group(1)
+    block = re.search(r"## Your own data\n.*?```bash\n(.*?)```", README.read_text(), re.S).group(1)
     lines = [ln.split("  #")[0].strip() for ln in block.strip().splitlines()]
     assert lines[1].startswith("splitlora train") and lines[2].startswith("splitlora eval")
+    assert lines[3].startswith("splitlora generate") and len(lines) == 4
     cli = str(Path(sys.executable).with_name("splitlora"))
     lines[1] += " --set model.name=tiny-llama --set train.max_steps=2 --set data.max_length=64 --no-progress"
     lines[2] += " --no-progress"
@@ -70,3 +72,4 @@ def test_readme_own_data_example_runs(tmp_path):
     metrics = json.loads((tmp_path / "runs" / "sums-eval" / "metrics.json").read_text())
     assert metrics["split"] == "validation" and metrics["num_mrs"] > 5
     assert len((tmp_path / "runs" / "sums-eval" / "predictions.txt").read_text().splitlines()) == metrics["num_mrs"]
+    assert "exact_match" in metrics and "BLEU" in metrics
