@@ -81,7 +81,7 @@ def apply(examples: list, tokenizer, mode: str) -> list:
         return examples
     out = []
     for ex in examples:
-        rendered = chat_example(chat, ex.prompt, ex.completion.strip(), "data")
+        rendered = chat_example(chat, ex.prompt, ex.completion, "data")
         out.append(type(ex)(rendered.prompt, rendered.completion, ex.attributes, ex.group, rendered.segments))
     return out
 

@@ -17,6 +17,8 @@ def example(row: dict, fields: dict, chat, where: str) -> Example:
 
 
 def chat_example(chat, prompt: str, completion: str, where: str) -> Example:
-    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    """A user turn and the assistant's answer (the texts stripped: a turn's spacing is the template's)."""
+    completion = completion.strip()
+    messages = [{"role": "user", "content": prompt.strip()}, {"role": "assistant", "content": completion}]
     rendered = chat.prompt(messages)
     return Example(rendered, completion, {}, rendered, tuple(chat.segments(messages, where)))
