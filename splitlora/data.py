@@ -218,12 +218,17 @@ def partition(
             )
         return [[examples[i] for i in by_value[value]] for value in values]
 
-    # dirichlet
     if alpha <= 0:
         raise DataError(f"partition scheme 'dirichlet': alpha must be > 0, got {alpha}")
+    return [[examples[i] for i in sorted(indices)] for indices in _dirichlet(by_value, num_clients, alpha, seed)]
+
+
+def _dirichlet(by_value: dict[str, list[int]], num_clients: int, alpha: float, seed: int) -> list[list[int]]:
+    """Each value's examples spread over the clients by proportions drawn from Dirichlet(alpha); a client
+    left empty takes one example from the largest."""
     rng = np.random.default_rng(seed)
     assigned: list[list[int]] = [[] for _ in range(num_clients)]
-    for value in values:
+    for value in sorted(by_value):
         indices = rng.permutation(by_value[value])
         proportions = rng.dirichlet([alpha] * num_clients)
         cuts = (np.cumsum(proportions)[:-1] * len(indices)).astype(int)
@@ -233,7 +238,7 @@ def partition(
         if not assigned[client]:
             largest = max(range(num_clients), key=lambda c: (len(assigned[c]), -c))
             assigned[client].append(assigned[largest].pop())
-    return [[examples[i] for i in sorted(indices)] for indices in assigned]
+    return assigned
 
 
 def _quantities(n: int, num_clients: int, sizes, power_law: float, seed: int) -> list[int]:
