@@ -94,7 +94,12 @@ DEPLOYED = {"shared": {"strategy.server_mode": "shared"}, "per_client": {"strate
             # clients at their own splits and ranks (1 and 2 blocks); ranks re-decided at every aggregation
             "hsplitlora": {**HET, "lora.dropout": 0.1},
             "hsplitlora_ushape": {**HET, "model.top_layers": 1, "hsplit.client_step_s": 2e-3},
-            "hetlora": {**HET, "strategy.name": "hetlora"}}
+            "hetlora": {**HET, "strategy.name": "hetlora"},
+            # a user's conversations through datasets, rendered as chat, clients split by a column's values
+            "hf_messages": {"data.name": "hf", "data.format": "messages", "data.chat_template": "auto",
+                            "data.path": str(Path(__file__).resolve().parents[1] / "data/examples/chat.jsonl"),
+                            "data.max_samples": 40, "data.max_length": 512, "data.partition": "dirichlet",
+                            "data.partition_attribute": "food"}}
 
 
 @pytest.mark.parametrize("label", list(DEPLOYED))
