@@ -9,6 +9,8 @@ no template (`data.chat_template: none`, or a tokenizer without one) conversatio
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from .errors import DataError
 
 PLAIN = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
@@ -82,16 +84,12 @@ def apply(examples: list, tokenizer, mode: str) -> list:
     out = []
     for ex in examples:
         rendered = chat_example(chat, ex.prompt, ex.completion, "data")
-        out.append(type(ex)(rendered.prompt, rendered.completion, ex.attributes, ex.group, rendered.segments))
+        out.append(replace(ex, prompt=rendered.prompt, completion=rendered.completion, segments=rendered.segments))
     return out
 
 
 def prompt_for(data, tokenizer, text: str) -> str:
     """A user's text as the run's data format renders a prompt (`splitlora generate`)."""
-    chat = Chat(tokenizer, data.chat_template)
-    if chat.uses_template or (data.name == "hf" and data.format == "messages"):
-        return chat.render([{"role": "user", "content": text}], generation_prompt=True)
-    if data.name == "hf" and data.format == "alpaca":
-        from .formats import alpaca
-        return alpaca.example({"instruction": text, "output": ""}, alpaca.FIELDS, chat, "--prompt").prompt
-    return text
+    from . import formats
+
+    return formats.of(data).prompt(text, Chat(tokenizer, data.chat_template))

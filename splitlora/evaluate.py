@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from . import data as D
+from . import formats
 from . import metrics as M
 from .build import role_model
 from .config import Config, ConfigError, load_config, resolve_path
@@ -73,7 +74,7 @@ def evaluate(run_dir: str | Path, output: str | Path, decode: DecodeConfig, spli
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer, cfg = load_trained(run_dir, mode)
     examples = eval_examples(cfg, split, tokenizer)
-    if cfg.data.name == "hf" and cfg.data.format == "text":   # nothing to decode from: perplexity only
+    if not formats.of(cfg.data).DECODES:   # plain text: nothing to decode from, perplexity only
         return _perplexity_only(cfg, model, tokenizer, examples[:limit] if limit else examples, out, run_dir, split)
     prompts = {ex.group: ex.prompt for ex in reversed(examples)}     # first prompt of each group
     refs = D.group_references(examples)

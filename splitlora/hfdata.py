@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from . import formats
@@ -90,7 +91,7 @@ def load_hf(data, tokenizer, split: str | None = None) -> list[Example]:
     for i, row in enumerate(rows):
         ex = fmt.example(row, fields, chat, f"{data.path} [{split}] row {i}")
         attributes = {k: str(v) for k, v in row.items() if k not in used and isinstance(v, (str, int, float, bool))}
-        examples.append(Example(ex.prompt, ex.completion, attributes, ex.group, ex.segments))
+        examples.append(replace(ex, attributes=attributes))
     if not examples:
         raise DataError(f"data.path: {data.path} [{split}] has no rows")
     return examples

@@ -49,33 +49,25 @@ class Run:
 
 
 def load_examples(cfg: Config, tokenizer=None) -> tuple[list[D.Example], list[D.Example]]:
-    """(training, validation) examples; `tokenizer` renders chat templates (data.name hf)."""
-    if cfg.data.name == "hf":
+    """(training, validation) examples; `tokenizer` renders chat templates."""
+    d = cfg.data
+    if d.name == "hf":   # a local dataset: splits of data.path
         from .hfdata import load_hf
-        data = replace_path(cfg.data)
-        train = load_hf(data, tokenizer)
-        if data.val_split:
-            return train, load_hf(data, tokenizer, data.val_split)
-        if cfg.data.val_fraction == 0:
-            raise ConfigError("data.val_fraction: 0 with no data.val_split leaves no validation set")
-        return D.split_by_group(train, cfg.data.val_fraction, cfg.train.seed)
-    from .chat import apply
-
-    def load(field, value):
-        read = D.load_e2e if cfg.data.name == "e2e" else D.load_jsonl
-        return apply(read(resolve_path(field, value)), tokenizer, cfg.data.chat_template)
-
-    train = load("data.train_file", cfg.data.train_file)
-    if cfg.data.val_file:
-        return train, load("data.val_file", cfg.data.val_file)
-    if cfg.data.val_fraction == 0:
-        raise ConfigError("data.val_fraction: 0 with no data.val_file leaves no validation set")
-    return D.split_by_group(train, cfg.data.val_fraction, cfg.train.seed)
-
-
-def replace_path(data):
-    """The data section with data.path resolved (as given, else relative to the repository)."""
-    return data.model_copy(update={"path": str(resolve_path("data.path", data.path))})
+        resolved = d.model_copy(update={"path": str(resolve_path("data.path", d.path))})
+        load = lambda split: load_hf(resolved, tokenizer, split)  # noqa: E731
+        train_at, val_at, val_key = d.split, d.val_split, "data.val_split"
+    else:                # E2E or JSONL files
+        from .chat import apply
+        read = D.load_e2e if d.name == "e2e" else D.load_jsonl
+        load = lambda f: apply(read(resolve_path(*f)), tokenizer, d.chat_template)  # noqa: E731
+        train_at, val_at, val_key = ("data.train_file", d.train_file), \
+            (("data.val_file", d.val_file) if d.val_file else None), "data.val_file"
+    train = load(train_at)
+    if val_at:
+        return train, load(val_at)
+    if d.val_fraction == 0:
+        raise ConfigError(f"data.val_fraction: 0 with no {val_key} leaves no validation set")
+    return D.split_by_group(train, d.val_fraction, cfg.train.seed)
 
 
 def client_examples(cfg: Config, train_ex: list[D.Example]) -> list[list[D.Example]]:
@@ -89,10 +81,9 @@ def client_examples(cfg: Config, train_ex: list[D.Example]) -> list[list[D.Examp
         raise D.DataError(f"strategy.num_clients / data.partition: {e}") from None
 
 
-def client_data(cfg: Config, tokenizer, train_ex: list[D.Example], only: int | None = None) -> list[list[dict]]:
-    """Every client's tokenized partition of the training data (with `only`: just that client's,
-    as a one-element list)."""
-    parts = client_examples(cfg, train_ex)
+def client_data(cfg: Config, tokenizer, parts: list[list[D.Example]], only: int | None = None) -> list[list[dict]]:
+    """Every client's share (`client_examples`) tokenized (with `only`: just that client's, as a one-element
+    list)."""
     ids = range(len(parts)) if only is None else [only]
     feats = [D.tokenize(parts[i], tokenizer, cfg.data.max_length) for i in ids]
     for i, f in zip(ids, feats):
@@ -156,27 +147,28 @@ def build_run(cfg: Config, hub=None) -> Run:
     train_ex, val_ex = load_examples(cfg, lm.tokenizer)
     val = D.tokenize(val_ex, lm.tokenizer, cfg.data.max_length)[: cfg.data.val_max_samples]
     _nonempty(cfg, val, "validation set")
+    parts = client_examples(cfg, train_ex)   # the partition, once: for the clients, and for partition.json
     if hub is None:
-        setup = _setup(cfg, template, lm.tokenizer, client_data(cfg, lm.tokenizer, train_ex), client_runtimes=clients)
+        setup = _setup(cfg, template, lm.tokenizer, client_data(cfg, lm.tokenizer, parts), client_runtimes=clients)
     else:
         setup = _setup(cfg, template, lm.tokenizer, None, link=hub.stats,
-                       remote=_remote_clients(cfg, hub, lm, template, train_ex, val))
+                       remote=_remote_clients(cfg, hub, lm, template, parts, val))
     try:
         cls = strategies.get(cfg.strategy.name)
         strategy = cls(setup, **cls.options(cfg))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    partition = D.partition_summary(client_examples(cfg, train_ex), cfg.data.partition_attribute)
+    partition = D.partition_summary(parts, cfg.data.partition_attribute)
     return Run(cfg, lm.tokenizer, template, strategy, val, cost_model(cfg, template), partition)
 
 
-def _remote_clients(cfg: Config, hub, lm, template, train_ex, val_features):
+def _remote_clients(cfg: Config, hub, lm, template, parts, val_features):
     """The deployed server's (cid, client part) -> RemoteClient: what each client's messages must look
     like, their size limits and value bounds (`limits`), and its share of the data as partitioned here."""
     from .transport.limits import message_limits, value_bounds
     from .transport.checks import Expectations
 
-    counts = [len(f) for f in client_data(cfg, lm.tokenizer, train_ex)]
+    counts = [len(f) for f in client_data(cfg, lm.tokenizer, parts)]
     batch = D.collate(val_features[: cfg.train.batch_size], lm.tokenizer.pad_token_id)
     bounds = value_bounds(template, cfg.model.split_layer, cfg.model.top_layers, batch,
                           Privacy(**cfg.privacy.model_dump()), cfg.train.label_smoothing, cfg.deploy.bound_factor,
@@ -221,7 +213,7 @@ def client_role(cfg: Config, cid: int) -> Client:
     lm, template = role_model(cfg, runtime) if depth is None else \
         role_model(cfg, runtime, layers=range(depth), head=bool(u), top_layers=u)
     train_ex, _ = load_examples(cfg, lm.tokenizer)
-    features = client_data(cfg, lm.tokenizer, train_ex, only=cid)[0]
+    features = client_data(cfg, lm.tokenizer, client_examples(cfg, train_ex), only=cid)[0]
     depth = cls.client_depth(cfg, num_layers(lm.model.config))
     part = full_part(template) if depth is None else client_part(template, depth, u)
     role = make_client(cid, part, features, _setup(cfg, template, lm.tokenizer, None,

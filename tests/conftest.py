@@ -100,3 +100,48 @@ def assert_states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     assert set(a) == set(b)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def random_lora_model(config):
+    """A model of `config` (seed 0) with LoRA (rank 4) whose A and B are both random, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    from splitlora.lora import apply_lora, lora_config
+
+    torch.manual_seed(0)
+    peft = apply_lora(AutoModelForCausalLM.from_config(config), lora_config(config, 4, 8, 0.0), 0).eval()
+    with torch.no_grad():
+        for p in peft.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    return peft
+
+
+@pytest.fixture
+def tensor_reads(monkeypatch):
+    """The checkpoint keys splitlora.models reads through safe_open, in order (a list filled as it reads)."""
+    import splitlora.models as M
+
+    read: list[str] = []
+    real_open = M.safe_open
+
+    class Recording:
+        def __init__(self, *args, **kwargs):
+            self.f = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.inner = self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def keys(self):
+            return self.inner.keys()
+
+        def get_tensor(self, key):
+            read.append(key)
+            return self.inner.get_tensor(key)
+
+    monkeypatch.setattr(M, "safe_open", Recording)
+    return read

@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from conftest import random_lora_model
 from peft import PeftModel, get_peft_model_state_dict
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
@@ -188,7 +189,7 @@ def test_cost_model_flops_equal_torch_flop_counter(model_type):
 
 
 @pytest.mark.parametrize("model_type", TYPES)
-def test_a_part_loads_only_its_own_tensors(model_type, tmp_path, monkeypatch):
+def test_a_part_loads_only_its_own_tensors(model_type, tmp_path, tensor_reads):
     """From a saved directory, a client process (embeddings + blocks [0, 2)) and a server process
     (blocks [2, 4), final norm, head) read only their blocks' tensors, and each part computes the whole
     model's part."""
@@ -196,28 +197,7 @@ def test_a_part_loads_only_its_own_tensors(model_type, tmp_path, monkeypatch):
     lm.model.save_pretrained(tmp_path)
     lm.tokenizer.save_pretrained(tmp_path)
     fam = FAMILIES[model_type]
-    read: list[str] = []
-    real_open = M.safe_open
-
-    class Spy:
-        def __init__(self, *a, **kw):
-            self.f = real_open(*a, **kw)
-
-        def __enter__(self):
-            self.f.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.f.__exit__(*exc)
-
-        def keys(self):
-            return self.f.keys()
-
-        def get_tensor(self, key):
-            read.append(key)
-            return self.f.get_tensor(key)
-
-    monkeypatch.setattr(M, "safe_open", Spy)
+    read = tensor_reads
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         stored = set(f.keys())
     outside = {k for k in stored if fam.block_index(k) is None}   # embeddings, final norm, head
@@ -302,12 +282,7 @@ def test_an_unnamed_llama_layout_type_is_accepted_after_the_conformance_check(ca
     assert "'helium' has no family of its own" in caplog.text
     assert family.name == "helium" and "helium" not in FAMILIES
     assert family_of(config) is family      # decided once per config
-    torch.manual_seed(0)
-    peft = apply_lora(AutoModelForCausalLM.from_config(config), lora_config(config, 4, 8, 0.0), 0).eval()
-    with torch.no_grad():
-        for p in peft.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.1)
+    peft = random_lora_model(config)
     ids, mask, _ = batch()
     client, server = split_model(peft, 2)
     with torch.no_grad():

@@ -82,29 +82,8 @@ def test_fedlora_client_holds_the_whole_model(make_config, loaded):
 
 
 @pytest.mark.skipif(not SMOLLM2_FILE.exists(), reason=f"no cached SmolLM2 weights at {SMOLLM2_FILE}")
-def test_smollm2_client_reads_only_its_layers(make_config, loaded, monkeypatch):
-    read: list[str] = []
-    real_open = M.safe_open
-
-    class Recording:
-        def __init__(self, *args, **kwargs):
-            self.f = real_open(*args, **kwargs)
-
-        def __enter__(self):
-            self.inner = self.f.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.f.__exit__(*exc)
-
-        def keys(self):
-            return self.inner.keys()
-
-        def get_tensor(self, key):
-            read.append(key)
-            return self.inner.get_tensor(key)
-
-    monkeypatch.setattr(M, "safe_open", Recording)
+def test_smollm2_client_reads_only_its_layers(make_config, loaded, tensor_reads):
+    read = tensor_reads
     k = 3
     cfg = make_config({"model.name": M.SMOLLM2, "model.split_layer": k, "data.max_length": 128})
     role = T.client_role(cfg, 0)
@@ -118,8 +97,7 @@ def test_smollm2_client_reads_only_its_layers(make_config, loaded, monkeypatch):
     materialised = sum(p.numel() for p in hf.parameters() if p.device.type != "meta")
     total = sum(p.numel() for p in hf.parameters())   # meta tensors still know their shapes
     assert materialised < 0.35 * total
-    monkeypatch.setattr(M, "safe_open", real_open)
-    _assert_equals_full_client_part(cfg, role)
+    _assert_equals_full_client_part(cfg, role)   # (reads the whole model: after the assertions on `read`)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

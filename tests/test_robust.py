@@ -386,8 +386,9 @@ def test_message_limits_follow_the_model(make_config, tmp_path):
     assert hub.max_bytes == expect.max_bytes < 1 << 20                      # not a fixed 256 MB
     shapes = expect.adapter_shapes
     assert (expect.max_bytes, expect.max_header) == message_limits(64, 2, 256, shapes)
-    from splitlora.train import client_data, load_examples
-    assert expect.num_samples == len(client_data(cfg, run.tokenizer, load_examples(cfg)[0], only=0)[0])
+    from splitlora.train import client_data, client_examples, load_examples
+    parts = client_examples(cfg, load_examples(cfg)[0])
+    assert expect.num_samples == len(client_data(cfg, run.tokenizer, parts, only=0)[0])
     assert expect.bounds.act_norm > 0 and expect.bounds.factor == cfg.deploy.bound_factor
     # a header over the bound is refused before it is parsed
     big = pack("smashed", {}, {"pad": "x" * (expect.max_header + 1)})

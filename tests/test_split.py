@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from conftest import random_lora_model
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from transformers import AutoModelForCausalLM, BloomConfig
 
@@ -225,12 +226,7 @@ def test_other_llama_like_types_split_exactly_with_sliding_windows(model_type, k
                   num_attention_heads=4, num_key_value_heads=2, sliding_window=4)
     config = (MistralConfig(**common) if model_type == "mistral"
               else Qwen2Config(**common, use_sliding_window=True, max_window_layers=2))
-    torch.manual_seed(0)
-    peft = apply_lora(AutoModelForCausalLM.from_config(config), lora_config(config, 4, 8, 0.0), 0).eval()
-    with torch.no_grad():
-        for p in peft.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.1)
+    peft = random_lora_model(config)
     ids, mask, _ = right_padded_batch()
     client, server = split_model(peft, k)
     with torch.no_grad():

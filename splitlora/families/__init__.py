@@ -1,5 +1,5 @@
-"""The model families splitlora splits: one definition each (families/NAME.py), registered here by the
-transformers model types it covers. Everything else reads a model's facts from its family. A model type
+"""The model families splitlora splits: one definition each (families/NAME.py), registered here by its
+transformers model type. Everything else reads a model's facts from its family. A model type
 no family names is accepted only if the default family passes a conformance check on it (generic.py)."""
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ FAMILIES: dict[str, Family] = {}
 
 
 def register(family: Family) -> Family:
-    for t in family.model_types:
-        if t in FAMILIES:
-            raise ValueError(f"model type {t!r} is registered twice ({FAMILIES[t].name}, {family.name})")
-        FAMILIES[t] = family
+    if family.name in FAMILIES:
+        raise ValueError(f"model type {family.name!r} is registered twice")
+    FAMILIES[family.name] = family
     return family
 
 

@@ -40,8 +40,7 @@ class Family:
     tiny: a tiny random config of this family (vocab_size -> config), for tests and `tiny-NAME` presets.
     """
 
-    name: str = ""
-    model_types: tuple[str, ...] = ()
+    name: str = ""   # the transformers model type
     paths: dict[str, str] = {"embed_tokens": "model.embed_tokens", "rotary_emb": "model.rotary_emb",
                              "blocks": "model.layers", "norm": "model.norm", "lm_head": "lm_head"}
     embed_modules: tuple[str, ...] = ("embed_tokens",)
@@ -57,7 +56,6 @@ class Family:
 
     def __init__(self, name: str, tiny: Callable, **facts):
         self.name, self.tiny = name, tiny
-        self.model_types = facts.pop("model_types", (name,))
         for k, v in facts.items():
             if not hasattr(type(self), k):
                 raise TypeError(f"family {name}: unknown fact {k!r}")

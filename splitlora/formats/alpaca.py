@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from ..data import Example
 from .common import text_field
-from .prompt_completion import chat_example
+from .prompt_completion import chat_example, user_turn
 
 FIELDS = {"instruction": "instruction", "input": "input", "output": "output"}
+DECODES = True
 
 HEADER = ("Below is an instruction that describes a task{with_input}. Write a response that appropriately "
           "completes the request.\n\n### Instruction:\n{instruction}\n\n")
@@ -24,3 +25,10 @@ def example(row: dict, fields: dict, chat, where: str) -> Example:
                            instruction=instruction)
     prompt += (f"### Input:\n{extra}\n\n" if extra else "") + "### Response:\n"
     return Example(prompt, output, {}, prompt)
+
+
+def prompt(text: str, chat) -> str:
+    """An instruction with no input."""
+    if chat.uses_template:
+        return user_turn(text, chat)
+    return example({"instruction": text, "output": ""}, FIELDS, chat, "--prompt").prompt

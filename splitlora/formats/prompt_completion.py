@@ -7,6 +7,7 @@ from ..data import Example
 from .common import text_field
 
 FIELDS = {"prompt": "prompt", "completion": "completion"}
+DECODES = True
 
 
 def example(row: dict, fields: dict, chat, where: str) -> Example:
@@ -14,6 +15,15 @@ def example(row: dict, fields: dict, chat, where: str) -> Example:
     if chat.uses_template:
         return chat_example(chat, prompt, completion, where)
     return Example(prompt, completion, {}, prompt)
+
+
+def prompt(text: str, chat) -> str:
+    return user_turn(text, chat) if chat.uses_template else text
+
+
+def user_turn(text: str, chat) -> str:
+    """`text` as a user's turn, then the generation prompt."""
+    return chat.render([{"role": "user", "content": text}], generation_prompt=True)
 
 
 def chat_example(chat, prompt: str, completion: str, where: str) -> Example:
