@@ -60,17 +60,29 @@ def run_clients(cfg, port, certs_dir, tmp_path, ids=(0, 1)):
     return [subprocess.Popen([str(script), "client", "--config", str(config), "--client-id", str(i),
                               "--server", f"127.0.0.1:{port}", "--certs", str(certs_dir)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"})
             for i in ids]
+
+
+def finished(proc, timeout: float) -> str:
+    """The process's stderr once it has exited; if it has not within `timeout`, SIGABRT makes it print
+    every thread's stack (PYTHONFAULTHANDLER) and the test fails with those stacks."""
+    import signal
+
+    try:
+        return proc.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        err = proc.communicate(timeout=30)[1]
+        raise AssertionError(f"a process did not exit within {timeout} s; its stacks:\n{err[-6000:]}") from None
 
 
 def wait_all(procs, server_thread, result, timeout=180):
     for p in procs:
         try:
-            out, err = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            raise AssertionError(f"a client did not finish; the server: {result.get('error', 'running')}") from None
+            err = finished(p, timeout)
+        except AssertionError as e:
+            raise AssertionError(f"a client did not finish; the server: {result.get('error', 'running')}; {e}") from None
         assert p.returncode == 0, err[-2000:]
     server_thread.join(timeout)
     assert "error" not in result, result.get("error")
@@ -259,7 +271,7 @@ def test_server_killed_and_resumed_completes_without_applying_a_round_twice(labe
     out2, err2 = second.communicate(timeout=240)
     assert second.returncode == 0, err2[-3000:]
     for c in clients:
-        _, err = c.communicate(timeout=60)
+        err = finished(c, 60)
         assert c.returncode == 0, err[-2000:]
     records = read_metrics(out)
     steps = [r["step"] for r in records]

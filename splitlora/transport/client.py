@@ -7,6 +7,7 @@ checked too: a gradient must match the pending activations and every tensor must
 from __future__ import annotations
 
 import queue
+import threading
 import time
 
 import grpc
@@ -50,6 +51,7 @@ def serve_client(client, channel_factory, client_id: int, precision: str = "fp32
                     raise ConnectionError(f"client {client_id}: the server sent a malformed message: {e}") from None
                 if kind == "done":
                     outbox.put(None)
+                    _finish(replies)
                     log(f"client {client_id}: training finished")
                     return
                 if kind in ("reset", "load_state_dict") and progress["step"] > meta.get("server_step", 0):
@@ -77,6 +79,21 @@ def serve_client(client, channel_factory, client_id: int, precision: str = "fp32
         if attempt > retries:
             raise ConnectionError(f"client {client_id}: gave up after {retries} reconnection attempts")
         time.sleep(min(backoff_s * 2 ** (attempt - 1), max_backoff_s))
+
+
+def _finish(replies, wait_s: float = 10.0) -> None:
+    """Let the server end the call after `done` (it does at once), cancelling it if it has not within
+    `wait_s`: closing a channel with a call still open waits for that call, which may never end."""
+    timer = threading.Timer(wait_s, replies.cancel)
+    timer.daemon = True
+    timer.start()
+    try:
+        for _ in replies:
+            pass
+    except grpc.RpcError:   # the server went away, or the call was cancelled: either way it is over
+        pass
+    finally:
+        timer.cancel()
 
 
 class Refused(Exception):
@@ -136,8 +153,10 @@ def _set_layout(client, tensors, meta, initial):
 
 
 def _fold(client, tensors, meta, initial):
-    factors, rows = parse_fold(tensors)
-    client.fold(factors, _ranks(meta, "fold"), rows)
+    factors, rows, adapter = parse_fold(tensors)
+    if not isinstance(meta.get("restart", True), bool):
+        raise Refused("fold: restart must be true or false")
+    client.fold(factors, _ranks(meta, "fold"), rows, adapter, meta.get("restart", True))
     return {}, {}
 
 
