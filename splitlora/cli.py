@@ -122,6 +122,14 @@ def _parser() -> argparse.ArgumentParser:
                    "noise: its runs (default runs/bench-noise)")
     b.add_argument("--repeats", type=int, default=1, help="deploy: (in-process, deployed) pairs per precision")
     b.add_argument("--reuse", action="store_true", help="hetero, noise: read runs already finished in --workdir")
+    b.add_argument("--seeds", default="0,1,2", help="hetero: train.seed values")
+    b.add_argument("--intervals", default="4,1", help="hetero: aggregation intervals (steps)")
+    b.add_argument("--partitions", default="iid,dirichlet", help="hetero: iid, dirichlet (over food)")
+    b.add_argument("--aggregations", default="stack_fold,stack_svd,stack_keep,zero_pad",
+                   help="hetero: hsplit.aggregation values")
+    b.add_argument("--weakest", default="iid@4", help="hetero: settings (PARTITION@INTERVAL) that also run "
+                   "splitlora at the weakest budget")
+    b.add_argument("--no-dlora", action="store_true", help="hetero: skip the Kill & Revive pair")
     b.add_argument("--config", default="configs/demo.yaml", help="noise, precision: the config to train")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config overrides (runtime.device=cuda, runtime.dtype=bf16, ...), applied to every run or "
@@ -294,8 +302,11 @@ def _bench(args) -> None:
         result = fn(counts, model=args.model or "tiny-llama", steps=args.steps or 6, workdir=args.workdir,
                              sets=args.set, log=lambda m: print(m, file=sys.stderr))
     elif args.which == "hetero":
+        items = lambda text: tuple(x.strip() for x in text.split(",") if x.strip())  # noqa: E731
         result = fn(steps=args.steps, workdir=args.workdir, reuse=args.reuse, sets=args.set,
-                              log=lambda m: print(m, file=sys.stderr))
+                    log=lambda m: print(m, file=sys.stderr), seeds=tuple(int(x) for x in items(args.seeds)),
+                    intervals=tuple(int(x) for x in items(args.intervals)), partitions=items(args.partitions),
+                    aggregations=items(args.aggregations), weakest=items(args.weakest), dlora=not args.no_dlora)
     else:
         precisions = tuple(p.strip() for p in args.precisions.split(",") if p.strip())
         result = fn(args.model or SMOLLM2, steps=args.steps or 6, split_layer=args.split_layer or 3,

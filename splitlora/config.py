@@ -177,6 +177,9 @@ class HsplitSection(_Section):
     realloc_threshold: float = Field(0.1, ge=0)    # total-variation shift of importance that re-decides ranks
     importance_beta: float = Field(0.85, ge=0, lt=1)
     export_tolerance: float = Field(1e-4, gt=0)    # relative error allowed when exporting the total update
+    # how adapters of different ranks are combined (docs/methods.md): stack_fold, stack_svd, stack_keep
+    # (hsplitlora) or zero_pad (HetLoRA: strategy hetlora); none: the strategy's own default
+    aggregation: Literal["stack_fold", "stack_svd", "stack_keep", "zero_pad"] | None = None
 
 
 ProfileSpec = str | dict[str, float | str]   # a profile name (cost.PROFILES, profiles_file) or its fields

@@ -9,10 +9,12 @@ updates: mean(B) @ mean(A) != mean(B @ A). The functions here are what a heterog
 
 - `stack`: noise-free aggregation. Concatenating the clients' factors gives factors of exactly
   ΔW = Σ_k p_k s_k B_k A_k (rank Σ_k r_k), with no cross terms B_i A_j.
-- `redistribute` (`factored_svd`, `truncate`, `aggregate`; FlexLoRA-style, not used by the strategies
-  yet: `hsplitlora` folds ΔW into the base instead): the best rank-r approximation of that ΔW
-  (Eckart–Young), from a thin SVD computed on the factors, as LoRA factors for a client of rank r and
-  scaling s, with what the truncation lost (relative error and the remainder as factors).
+- `stack_updates`: the same for adapters that did not start the round at zero (the round's update
+  Σ_k p_k s (B_k A_k − B0_k A0_k), exactly); `concat` sums factor pairs.
+- `redistribute` (`factored_svd`, `truncate`, `aggregate`; FlexLoRA, `hsplit.aggregation: stack_svd`):
+  the best rank-r approximation of that ΔW (Eckart–Young), from a thin SVD computed on the factors, as
+  LoRA factors for a client of rank r and scaling s, with what the truncation lost (relative error and
+  the remainder as factors).
 - `hetlora_average`: the zero-padding baseline (HetLoRA-style; `strategies.hetlora`).
 - `taylor_importance`, `ImportanceTracker`, `total_variation`: first-order Taylor importance of target
   weights, smoothed over steps, and whether its distribution has moved.
@@ -91,6 +93,30 @@ def stack(adapters: Sequence[tuple[Tensor, Tensor, float]], weights: Sequence[fl
     a = torch.cat([ad.A for ad in ads], dim=0)
     b = torch.cat([(pk * ad.scaling) * ad.B for pk, ad in zip(p, ads, strict=True)], dim=1)
     return a, b
+
+
+def stack_updates(updates: Sequence[tuple[Tensor, Tensor, Tensor, Tensor, float]],
+                  weights: Sequence[float]) -> tuple[Tensor, Tensor]:
+    """Noise-free aggregation of what adapters that did not start at zero learned in a round: for updates
+    (A_k, B_k, A0_k, B0_k, s_k) (the factors now and as the round began), factors of
+    Σ_k p_k s_k (B_k A_k − B0_k A0_k), exactly; a start whose B is zero adds no columns (then this is
+    `stack`)."""
+    p = _normalise(weights, len(updates))
+    a_parts, b_parts = [], []
+    for pk, (a, b, a0, b0, s) in zip(p, updates, strict=True):
+        for sign, (fa, fb) in ((1.0, (a, b)), (-1.0, (a0, b0))):
+            _check([(fa, fb, s)])
+            if sign > 0 or bool(fb.any()):
+                a_parts.append(fa)
+                b_parts.append((sign * pk * s) * fb)
+    return torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1)
+
+
+def concat(*factors: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """(A, B) with B @ A = Σ B_i @ A_i over factor pairs (A_i [r_i, in], B_i [out, r_i]); pairs whose B is
+    all zero are left out (at least the first pair stays)."""
+    kept = [f for i, f in enumerate(factors) if i == 0 or bool(f[1].any())]
+    return torch.cat([a for a, _ in kept], dim=0), torch.cat([b for _, b in kept], dim=1)
 
 
 class FactoredSVD(NamedTuple):

@@ -193,29 +193,50 @@ class Client:
 
     @torch.no_grad()
     def fold(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], ranks: dict[str, int],
-             rows: dict[str, torch.Tensor]) -> None:
-        """HSplitLoRA's aggregation, client side: each module's base weight gains B @ A of its stacked
-        factors (ΔW of the round, scaling included), its B restarts at zero, its A keeps what it learned
-        at the new rank (`rows`: the rows a grown rank adds; rows beyond the rank are zeroed), and the
-        optimizer forgets B (and A where the rank changed)."""
+             rows: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor] | None = None,
+             restart: bool = True) -> None:
+        """A heterogeneous aggregation, client side (`hsplit.aggregation`): each module's base weight gains
+        B @ A of the stacked factors it is sent (scaling included), then its adapter, at the new rank:
+        - `adapter` given (stack_svd): A and B become those tensors; the optimizer forgets both;
+        - else `restart` (stack_fold): B restarts at zero and the optimizer forgets B; A keeps what it
+          learned (`rows`: the rows a grown rank adds; rows beyond the rank are zeroed), and its moments
+          unless the rank changed;
+        - else (stack_keep): A and B and their moments are kept; a grown rank adds `rows` to A, a shrunk
+          one zeroes the components beyond it, and the optimizer forgets a module whose rank changed."""
         layers = lora_layers(self.part)
         if set(factors) != set(layers) or set(ranks) != set(layers) or not set(rows) <= set(layers):
             raise KeyError(f"client {self.cid}: fold for modules this part does not hold")
+        adapter = adapter or {}
+        if adapter and set(adapter) != {f"{p}.lora_{x}.weight" for p in layers for x in "AB"}:
+            raise KeyError(f"client {self.cid}: fold's adapter does not match the modules this part holds")
         for prefix, layer in layers.items():
             w = base_weight(layer)
             if not getattr(layer.base_layer.weight, "owned", False):
                 raise RuntimeError(f"client {self.cid}: fold before set_layout (the base weights are not its own)")
             a_stack, b_stack = factors[prefix]
-            w.add_(b_stack.to(w.device) @ a_stack.to(w.device))
+            w.add_(b_stack.to(w.device, w.dtype) @ a_stack.to(w.device, w.dtype))
             a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
             old, new = self.ranks.get(prefix, a.shape[0]), ranks[prefix]
+            state = self.learner.optimizer.state
+            if adapter:
+                a_new, b_new = adapter[f"{prefix}.lora_A.weight"], adapter[f"{prefix}.lora_B.weight"]
+                if tuple(a_new.shape) != (new, a.shape[1]) or tuple(b_new.shape) != (b.shape[0], new):
+                    raise ValueError(f"client {self.cid}: fold's adapter for {prefix} is not at rank {new}")
+                a.zero_(), b.zero_()
+                a[:new], b[:, :new] = a_new.to(a.device, a.dtype), b_new.to(b.device, b.dtype)
+                state.pop(a, None), state.pop(b, None)
+                continue
             if prefix in rows:
                 a[old:new] = rows[prefix].to(a.device, a.dtype)
             a[new:] = 0
-            b.zero_()
-            self.learner.optimizer.state.pop(b, None)
+            b[:, new:] = 0
+            if restart:
+                b.zero_()
+                state.pop(b, None)
+            elif new != old:
+                state.pop(b, None)
             if new != old:
-                self.learner.optimizer.state.pop(a, None)
+                state.pop(a, None)
         self.ranks = dict(ranks)
         self._mask()
 

@@ -154,7 +154,7 @@ def build_run(cfg: Config, hub=None) -> Run:
         setup = _setup(cfg, template, lm.tokenizer, None, link=hub.stats,
                        remote=_remote_clients(cfg, hub, lm, template, parts, val))
     try:
-        cls = strategies.get(cfg.strategy.name)
+        cls = strategies.for_config(cfg)
         strategy = cls(setup, **cls.options(cfg))
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -176,7 +176,7 @@ def _remote_clients(cfg: Config, hub, lm, template, parts, val_features):
     config = lm.model.config
     wire = {"fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}.get(cfg.wire.precision)
 
-    cls = strategies.get(cfg.strategy.name)
+    cls = strategies.for_config(cfg)
     depth = cls.client_depth(cfg, num_layers(config))
     deepest = None if depth is None else client_part(template, depth, cfg.model.top_layers)
 
@@ -207,7 +207,7 @@ def client_role(cfg: Config, cid: int) -> Client:
     if not 0 <= cid < cfg.strategy.num_clients:
         raise ConfigError(f"--client-id: {cid} is not in [0, {cfg.strategy.num_clients})")
     torch.manual_seed(cfg.train.seed)
-    cls, u = strategies.get(cfg.strategy.name), cfg.model.top_layers
+    cls, u = strategies.for_config(cfg), cfg.model.top_layers
     runtime = runtime_of(cfg, "client", cid)
     depth = cls.client_depth(cfg)
     lm, template = role_model(cfg, runtime) if depth is None else \

@@ -283,11 +283,26 @@ def test_bench_deploy(tmp_path, e2e_file):
 
 def test_bench_hetero(tmp_path, e2e_file):
     out = tmp_path / "hetero.json"
-    assert main(["bench", "hetero", "--output", str(out), "--workdir", str(tmp_path / "work"),
-                 *sets(*TINY_SETS, f"data.train_file={e2e_file}")]) == 0
+    args = ["bench", "hetero", "--output", str(out), "--workdir", str(tmp_path / "work"), "--seeds", "0,1",
+            "--intervals", "2", "--partitions", "iid", "--weakest", "iid@2",
+            *sets(*TINY_SETS, f"data.train_file={e2e_file}", "train.max_steps=4")]
+    assert main(args) == 0
     result = json.loads(out.read_text())
-    assert set(result["runs"]) == {"hsplitlora", "hetlora", "splitlora_weakest", "dlora", "splitlora"}
-    assert all(r["samples_seen"] > 0 and r["final_val_loss"] > 0 for r in result["runs"].values())
+    setting = result["settings"]["iid@2"]
+    assert set(setting["runs"]) == {"stack_fold", "stack_svd", "stack_keep", "zero_pad", "splitlora_weakest"}
+    assert [r["strategy"] for r in setting["runs"]["zero_pad"]] == ["hetlora", "hetlora"]
+    assert all(len(rs) == 2 and all(r["final_val_loss"] > 0 and r["curve"] for r in rs) for rs in setting["runs"].values())
+    summary = setting["summary"]
+    final = summary["variants"]["stack_keep"]["final_val_loss"]
+    assert final["n"] == 2 and final["sd"] >= 0 and final["mean"] == pytest.approx(sum(final["values"]) / 2)
+    # the worst mean is the target: every variant's runs reach it or are counted as not reaching it
+    assert summary["target_val_loss"] == max(v["final_val_loss"]["mean"] for k, v in summary["variants"].items()
+                                             if k != "splitlora_weakest")
+    assert set(result["dlora"]["runs"]) == {"dlora", "splitlora"}
+    # --reuse reads every finished run instead of training it again
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "work").rglob("summary.json")}
+    assert main([*args, "--reuse"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "work").rglob("summary.json")} == before
 
 
 def test_bench_noise(tmp_path, e2e_file):

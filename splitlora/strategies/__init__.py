@@ -49,6 +49,11 @@ def get(name: str):
     return cls
 
 
+def for_config(cfg):
+    """The strategy class that runs `cfg` (its `strategy.name`, or a variant one of its options selects)."""
+    return get(cfg.strategy.name).resolve(cfg)
+
+
 def all_strategies() -> dict:
     """name -> class of every strategy (imports them all)."""
     return {name: get(name) for name in available()}

@@ -81,6 +81,11 @@ class Strategy:
     server_modes = ("shared", "per_client")   # strategy.server_mode values it runs with (the first: its default)
 
     @classmethod
+    def resolve(cls, cfg) -> type:
+        """The class that runs a config naming this strategy (an option may select a variant)."""
+        return cls
+
+    @classmethod
     def options(cls, cfg) -> dict:
         """Keyword arguments of __init__ from a config: its own section's fields."""
         return getattr(cfg, cls.section).model_dump() if cls.section else {}

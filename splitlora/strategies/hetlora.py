@@ -18,6 +18,8 @@ class HetLoRA(HSplitLoRA):
     pretrained one, and ranks and splits stay as first decided."""
 
     name = "hetlora"
+    aggregations = ("zero_pad",)
+    default_aggregation = "zero_pad"
 
     def __init__(self, setup, *args, **kwargs):
         self.average = None   # (PEFT key -> tensor at lora.rank): the last aggregate; None: the initial adapter

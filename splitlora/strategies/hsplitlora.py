@@ -58,11 +58,26 @@ class HSplitLoRA(SplitLoRA):
     name = "hsplitlora"
     section = "hsplit"
     client_layouts = True
+    aggregations = ("stack_fold", "stack_svd", "stack_keep")   # hetlora: zero_pad
+    default_aggregation = "stack_fold"
+
+    @classmethod
+    def resolve(cls, cfg):
+        """`hsplit.aggregation: zero_pad` is the HetLoRA baseline (strategies/hetlora.py)."""
+        if cfg.hsplit.aggregation == "zero_pad":
+            from .hetlora import HetLoRA
+
+            return HetLoRA
+        return cls
 
     @classmethod
     def options(cls, cfg) -> dict:
         from ..train import cost_profiles
 
+        if cfg.hsplit.aggregation not in (None, *cls.aggregations):
+            other = "hetlora" if cfg.hsplit.aggregation == "zero_pad" else "hsplitlora"
+            raise ValueError(f"hsplit.aggregation: {cfg.hsplit.aggregation} is strategy {other}'s, not {cls.name}'s "
+                             f"({', '.join(cls.aggregations)})")
         if cfg.strategy.aggregation != "fedavg":
             raise ValueError(f"strategy.aggregation: {cls.name} combines adapters of different ranks its own way; "
                              "the robust options are for fedlora, sl, splitlora and dlora")
@@ -80,17 +95,22 @@ class HSplitLoRA(SplitLoRA):
 
     @classmethod
     def message_numel(cls, part, num_clients):
-        """set_layout (the base weights of its LoRA modules and its adapter) or fold (stacked factors of
-        up to every client's copy and the server's)."""
+        """set_layout (the base weights of its LoRA modules and its adapter) or fold (the round's update of
+        up to every client's copy and the server's, now and as the round began, the client's own adapter
+        now and before, and a new adapter)."""
         adapter = sum(p.numel() for p in part.adapter.values())
         base = sum(base_weight(m).numel() for m in lora_layers(part).values())
-        return max(base + adapter, (num_clients + 1) * adapter)
+        return max(base + adapter, (2 * (num_clients + 1) + 3) * adapter)
 
     def __init__(self, setup, profiles: list[Profile], batch_size: int, max_length: int, rank: int = 4,
                  client_step_s: float = 1.0, min_split_layer: int = 1,
                  max_split_layer: int = 6, realloc_threshold: float = 0.1, importance_beta: float = 0.85,
-                 export_tolerance: float = 1e-4):
+                 export_tolerance: float = 1e-4, aggregation: str | None = None):
         super().__init__(setup)   # every client at model.split_layer until it is given its layout
+        self.aggregation = aggregation or self.default_aggregation
+        if self.aggregation not in self.aggregations:
+            raise ValueError(f"hsplit.aggregation: {self.name} aggregates by {' or '.join(self.aggregations)}, "
+                             f"not {self.aggregation!r}")
         self.shapes = Shapes.from_model(setup.template)
         self.layers = len(self.shapes.blocks)
         self.top = self.layers - setup.top_layers   # U-shape: blocks [top, L) and the head stay on every client
@@ -173,6 +193,19 @@ class HSplitLoRA(SplitLoRA):
         self.server = MainServer([server], self.s.optim, self.s.server_runtime, self.s.seed)
         self.server.compute_s = compute_s
         self.server.views = {i: server.view(k) for i, k in enumerate(self.splits)}
+        self.server_given = self._server_adapter()   # the server copy's adapter as the round began
+
+    def _server_adapter(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {p: tuple(f.detach().clone() for f in _factors(layer)) for p, layer in self._server_layers().items()}
+
+    def _product(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.scaling * (b.to(torch.float32) @ a.to(torch.float32))
+
+    def _effective(self, mod) -> torch.Tensor:
+        """The weight every copy of module mod computes with (base + its adapter as the round began): the
+        shared base, plus the server copy's adapter where the server holds the module."""
+        held = self.server_given.get(self.prefix[mod])
+        return self.base[mod] if held is None else self.base[mod] + self._product(*held).to(self.base[mod].dtype)
 
     def _client_mods(self, cid: int) -> list[tuple[int, str]]:
         return [mod for mod in self.total if self._client_side(cid, mod[0])]
@@ -186,13 +219,19 @@ class HSplitLoRA(SplitLoRA):
             out[f"{p}.lora_A.weight"], out[f"{p}.lora_B.weight"] = a, b
         return out
 
-    def _set_layout(self, c) -> bool:
-        """Give client c its part, ranks, starting adapter and (once anything is folded) the current base
-        weights of its modules: at the start, after its split changed, and whenever it missed a fold."""
+    def _set_layout(self, c, adapter: dict | None = None) -> bool:
+        """Give client c its part, ranks, starting adapter and (once anything is folded) the base weights
+        under it (the effective weights less the adapter's product): at the start, after its split
+        changed, whenever it missed a fold, and on resuming (`adapter`: what it held as the round began)."""
         cid, mods = c.cid, self._client_mods(c.cid)
         ranks = {self.prefix[m]: self.ranks[cid][m] for m in mods}
-        base = {self.prefix[m]: self.base[m].detach() for m in mods} if self.folded else {}
-        adapter = self._start_adapter(cid)
+        adapter = self._start_adapter(cid) if adapter is None else adapter
+        base = {}
+        for m in mods if self.folded else ():
+            p = self.prefix[m]
+            w = self._effective(m).detach()
+            a, b = adapter[f"{p}.lora_A.weight"], adapter[f"{p}.lora_B.weight"]
+            base[p] = w - self._product(a, b).to(w.dtype) if b.any() else w
         ok, _ = self.guarded(self.t, c, lambda c: c.set_layout(self.splits[cid], ranks, adapter, base))
         self.held[cid] = (self.splits[cid], getattr(c, "incarnation", 0)) if ok else None
         if ok:
@@ -202,25 +241,50 @@ class HSplitLoRA(SplitLoRA):
     def _in_sync(self, c, split: int) -> bool:
         return self.held[c.cid] == (split, getattr(c, "incarnation", 0))
 
-    def _sync(self) -> None:
+    def _sync(self, resume: bool = False) -> None:
         """Every connected client that does not hold its layout (never given, missed a fold, or a new
-        process since) gets it whole."""
+        process since) gets it whole; on resuming, with the adapter it held as the round began."""
         for c in self.clients:
             if getattr(c, "connected", True) and not self._in_sync(c, self.splits[c.cid]):
-                self._set_layout(c)
+                self._set_layout(c, self.given.get(c.cid) if resume else None)
 
     def _server_layers(self) -> dict[str, torch.nn.Module]:
         return lora_layers(self.server.learners[0].part)
 
     @torch.no_grad()
-    def _restart_server(self) -> None:
-        """After a fold the server's copies restart too: B = 0 and its optimizer moments (A keeps what it
-        learned; the server's copies are always at lora.rank)."""
-        learner = self.server.learners[0]
-        for layer in self._server_layers().values():
-            _, b = _factors(layer)
-            b.zero_()
-            learner.optimizer.state.pop(b, None)
+    def _update_server(self, deltas, svds) -> None:
+        """The round's update into the server copy and the shared base: the copy's new adapter by the
+        aggregation (stack_fold: B = 0 and B's moments forgotten; stack_keep: kept with its moments;
+        stack_svd: the top lora.rank SVD components of the average, both moments forgotten), and its
+        base gains ΔW less what its adapter's product gained. A module the server does not hold is in the
+        base whole."""
+        learner, layers = self.server.learners[0], self._server_layers()
+        for mod, (a_d, b_d) in deltas.items():
+            p = self.prefix[mod]
+            change = b_d @ a_d
+            if p in layers:
+                a, b = _factors(layers[p])
+                before = self._product(*self.server_given[p])
+                if self.aggregation == "stack_svd":
+                    a_new, b_new = self._truncated(svds[mod], a.shape[0])
+                    a.copy_(a_new), b.copy_(b_new)
+                    learner.optimizer.state.pop(a, None), learner.optimizer.state.pop(b, None)
+                elif self.aggregation == "stack_fold":
+                    b.zero_()
+                    learner.optimizer.state.pop(b, None)
+                change = change - self._product(a, b) + before
+            self.base[mod].add_(change.to(self.base[mod].dtype))
+        self.server_given = self._server_adapter()
+
+    def _truncated(self, svd, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """stack_svd: a copy of rank r gets the top r SVD components of the average (FlexLoRA); a slot the
+        average leaves empty gets LoRA's init for A (B stays 0, so the product is unchanged)."""
+        a, b, _ = hetero.truncate(svd, rank, self.scaling)
+        empty = ~(a.any(dim=1) | b.any(dim=0))
+        if empty.any():
+            bound = 1 / math.sqrt(a.shape[1])
+            a[empty] = (torch.rand(int(empty.sum()), a.shape[1], generator=self._init_gen) * 2 - 1) * bound
+        return a, b
 
     def _rows(self, cid: int, old: dict, new: dict) -> dict[str, torch.Tensor]:
         """LoRA's init (kaiming_uniform(a=sqrt(5)), PEFT's default for A) for the rows of A a grown rank adds."""
@@ -271,26 +335,34 @@ class HSplitLoRA(SplitLoRA):
         a, b = _factors(server[p])
         return "server", a.detach(), b.detach()
 
+    def _start(self, key, mod, states=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of copy `key` (a client id or "server") of module mod as the round began."""
+        p = self.prefix[mod]
+        if key == "server":
+            return self.server_given[p]
+        return self.given[key][f"{p}.lora_A.weight"], self.given[key][f"{p}.lora_B.weight"]
+
     def aggregate(self, t):
         uploads = self._uploads(t)
         server = self._server_layers()
-        deltas = {}
+        deltas, svds = {}, {}
         for mod in self.total:
-            copies = {}   # copy -> (A, B, samples of the clients that trained through it)
+            copies = {}   # copy -> (A, B, A0, B0, samples of the clients that trained through it)
             for cid in uploads:
                 key, a, b = self._copy(cid, mod, uploads, server)
-                w = copies.get(key, (None, None, 0.0))[2]
-                copies[key] = (a, b, w + self.clients[cid].num_samples)
-            deltas[mod] = self._combine(mod, list(copies.values()))
+                w = copies.get(key, (0.0,))[-1]
+                copies[key] = (a, b, *self._start(key, mod), w + self.clients[cid].num_samples)
+            deltas[mod], svds[mod] = self._combine(list(copies.values()))
+            self.total[mod] += deltas[mod][1] @ deltas[mod][0]
         self.folded = True
         splits, ranks = list(self.splits), self.ranks
+        self._update_server(deltas, svds)
         self._update_importance(deltas)
-        self._restart_server()
-        for c in self.clients:   # downloads: the stacked factors of the client's modules
+        for c in self.clients:   # downloads: the round's update of the client's modules, its new adapter
             if not getattr(c, "connected", True):
                 self.held[c.cid] = None
             elif self.splits[c.cid] == splits[c.cid] and self._in_sync(c, splits[c.cid]) and c.cid in uploads:
-                self._send_fold(c, deltas, ranks[c.cid], uploads[c.cid])
+                self._send_fold(c, deltas, svds, ranks[c.cid], uploads[c.cid])
             else:
                 self._set_layout(c)
             if self.held[c.cid] is not None:
@@ -299,47 +371,63 @@ class HSplitLoRA(SplitLoRA):
         self.last_aggregation = t + 1
         return {}
 
-    def _combine(self, mod, copies):
-        """Noise-free: stack, fold ΔW into the shared base, add it to the total; the copies restart."""
-        A, B = hetero.stack([(a, b, self.scaling) for a, b, _ in copies], [w for _, _, w in copies])
-        delta = B @ A
-        with torch.no_grad():
-            self.base[mod].add_(delta)
-        self.total[mod] += delta
-        return (A, B)
+    def _combine(self, copies):
+        """Noise-free: the round's update ΔW = Σ_i p_i s (B_i A_i − B0_i A0_i) as stacked factors (exact),
+        added to the run's total; for stack_svd also the SVD of the copies' average adapter."""
+        weights = [w for *_, w in copies]
+        factors = hetero.stack_updates([(a, b, a0, b0, self.scaling) for a, b, a0, b0, _ in copies], weights)
+        svd = None
+        if self.aggregation == "stack_svd":
+            svd = hetero.factored_svd(*hetero.stack([(a, b, self.scaling) for a, b, *_ in copies], weights))
+        return factors, svd
 
-    def _send_fold(self, c, deltas, old_ranks, upload) -> None:
-        """The round's fold to client c; what its adapter then is (its A at the new rank, B = 0) is known
-        from its upload: the reference its next upload is bounded against."""
+    def _send_fold(self, c, deltas, svds, old_ranks, upload) -> None:
+        """The round's update to client c as factors for its base (ΔW, less what its own adapter's
+        product gains) and its adapter at its new ranks by the aggregation; what the adapter then is,
+        known from its upload, is the reference its next upload is bounded against."""
         cid = c.cid
         mods = self._client_mods(cid)
-        factors = {self.prefix[m]: deltas[m] for m in mods}
         ranks = {self.prefix[m]: self.ranks[cid][m] for m in mods}
-        rows = self._rows(cid, old_ranks, self.ranks[cid])
-        ok, _ = self.guarded(self.t, c, lambda c: c.fold(factors, ranks, rows))
+        svd = self.aggregation == "stack_svd"
+        rows = {} if svd else self._rows(cid, old_ranks, self.ranks[cid])
+        factors, given = {}, {}
+        for m in mods:
+            p, r = self.prefix[m], self.ranks[cid][m]
+            a, b = upload[f"{p}.lora_A.weight"], upload[f"{p}.lora_B.weight"]
+            if svd:
+                a_new, b_new = self._truncated(svds[m], r)
+            else:
+                a_new = torch.cat([a, rows[p]])[:r] if p in rows else a[:r].clone()
+                b_new = b.new_zeros(b.shape[0], r)
+                if self.aggregation == "stack_keep":
+                    b_new[:, :min(r, b.shape[1])] = b[:, :r]
+            a0, b0 = self._start(cid, m)
+            factors[p] = hetero.concat(deltas[m], (a_new, -self.scaling * b_new), (a0, self.scaling * b0))
+            given[f"{p}.lora_A.weight"], given[f"{p}.lora_B.weight"] = a_new, b_new
+        adapter = given if svd else None
+        restart = self.aggregation == "stack_fold"
+        ok, _ = self.guarded(self.t, c, lambda c: c.fold(factors, ranks, rows, adapter, restart))
         if not ok:
             self.held[cid] = None
             return
-        given = {}
-        for p, r in ranks.items():
-            a, b = upload[f"{p}.lora_A.weight"], upload[f"{p}.lora_B.weight"]
-            given[f"{p}.lora_A.weight"] = torch.cat([a, rows[p]])[:r] if p in rows else a[:r].clone()
-            given[f"{p}.lora_B.weight"] = b.new_zeros(b.shape[0], r)
         self.given[cid] = given
 
     def _update_importance(self, deltas) -> None:
         """Σ|W ⊙ ΔW| of each module this round (EMA); ranks re-decided when its distribution moved."""
         for mod, (A, B) in deltas.items():
-            self.tracker.update(f"{mod[0]}.{mod[1]}", hetero.taylor_importance(self.base[mod], B @ A))
+            self.tracker.update(f"{mod[0]}.{mod[1]}", hetero.taylor_importance(self._effective(mod), B @ A))
         scores = self.tracker.scores()
         if not self.reference or self.tracker.shifted(self.reference, self.realloc_threshold):
             self.reference = dict(scores)
             self.ranks = [self._ranks_for(i, scores) for i in range(len(self.clients))]
             splits = [self._split_for(p, self.layouts()[i][1], strict=False) for i, p in enumerate(self.profiles)]
             event = {"step": self.t + 1}
-            if splits != self.splits:   # every update was just folded into the base: nothing is lost
+            if splits != self.splits:   # the server copy's adapter goes into the base first: nothing is lost
                 self.splits = event["splits"] = splits
                 self.ranks = [self._ranks_for(i, scores) for i in range(len(self.clients))]
+                with torch.no_grad():
+                    for mod in self.total:
+                        self.base[mod].copy_(self._effective(mod))
                 self._build_server()   # the clients whose split moved get their new layout (aggregate)
             self.reallocations.append({**event, "mean_ranks": self.mean_ranks()})
 
@@ -360,8 +448,12 @@ class HSplitLoRA(SplitLoRA):
         return {"client_splits": list(self.splits), "client_mean_ranks": [round(r, 3) for r in self.mean_ranks()]}
 
     def global_adapter(self):
-        """The template's own (untrained, B = 0) adapter: after an aggregation every update is in the base."""
-        return make_part(self.s.template, 0, self.layers).adapter_state()
+        """The template's own (untrained, B = 0) adapter, with the server copy's adapter as the round began
+        where the server holds a module: with the shared base, every update of the run."""
+        out = make_part(self.s.template, 0, self.layers).adapter_state()
+        for p, (a, b) in self.server_given.items():
+            out[f"{p}.lora_A.weight"], out[f"{p}.lora_B.weight"] = a.clone(), b.clone()
+        return out
 
     def summary(self) -> dict:
         return {"reallocations": self.reallocations}
@@ -405,7 +497,8 @@ class HSplitLoRA(SplitLoRA):
                 "ranks": [{f"{b}.{n}": r for (b, n), r in ranks.items()} for ranks in self.ranks],
                 "tracker": self.tracker.state_dict(), "reference": self.reference,
                 "reallocations": self.reallocations, "init_gen": self._init_gen.get_state(),
-                "given": {str(cid): g for cid, g in self.given.items()}}
+                "given": {str(cid): g for cid, g in self.given.items()},
+                "server_given": {p: list(ab) for p, ab in self.server_given.items()}}
 
     def load_state_dict(self, state):
         """The splits, ranks and base weights as they were; every client is given its layout again (with
@@ -421,10 +514,11 @@ class HSplitLoRA(SplitLoRA):
             for key, w in (state.get("base") or {}).items():
                 self.base[mod(key)].copy_(w)
         self.folded = state.get("base") is not None
+        self.server_given.update({p: tuple(ab) for p, ab in state.get("server_given", {}).items()})
+        self.given.update({int(cid): g for cid, g in state.get("given", {}).items()})   # what they began with
         self.held = {cid: None for cid in self.held}
-        self._sync()
+        self._sync(resume=True)
         super().load_state_dict(state)
         self.tracker.load_state_dict(state["tracker"])
         self.reference, self.reallocations = state["reference"], state["reallocations"]
         self._init_gen.set_state(state["init_gen"])
-        self.given.update({int(cid): g for cid, g in state.get("given", {}).items()})   # what they hold now

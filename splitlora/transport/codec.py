@@ -102,30 +102,33 @@ def parse_layout(tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     return {k: v for k, v in tensors.items() if not k.endswith(".base_weight")}, base
 
 
-def fold_message(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], rows: dict[str, torch.Tensor]
-                 ) -> dict[str, torch.Tensor]:
+def fold_message(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], rows: dict[str, torch.Tensor],
+                 adapter: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Server -> client `fold`: each module's stacked factors (`<prefix>.stacked_A` [R, in], `.stacked_B`
-    [out, R]: ΔW = B @ A) and the new rows of A a grown rank adds (`<prefix>.new_rows`)."""
+    [out, R]: the base gains B @ A), the new rows of A a grown rank adds (`<prefix>.new_rows`) and, when
+    the aggregation replaces the adapter (stack_svd), the new adapter (PEFT keys, cut to the ranks)."""
     out = {}
     for p, (a, b) in factors.items():
         out[f"{p}.stacked_A"], out[f"{p}.stacked_B"] = a, b
-    return {**out, **{f"{p}.new_rows": r for p, r in rows.items()}}
+    return {**out, **{f"{p}.new_rows": r for p, r in rows.items()}, **(adapter or {})}
 
 
-def parse_fold(tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
-    """(factors, rows) of a `fold_message`; a key of another form is a KeyError."""
-    factors, rows = {}, {}
+def parse_fold(tensors: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]:
+    """(factors, rows, adapter) of a `fold_message`; a key of another form is a KeyError."""
+    factors, rows, adapter = {}, {}, {}
     for k, v in tensors.items():
         p, _, what = k.rpartition(".")
         if what == "new_rows":
             rows[p] = v
         elif what in ("stacked_A", "stacked_B"):
             factors.setdefault(p, {})[what] = v
+        elif k.endswith((".lora_A.weight", ".lora_B.weight")):
+            adapter[k] = v
         else:
             raise KeyError(f"fold: unexpected tensor {k}")
     if any(set(f) != {"stacked_A", "stacked_B"} for f in factors.values()):
         raise KeyError("fold: every module needs stacked_A and stacked_B")
-    return {p: (f["stacked_A"], f["stacked_B"]) for p, f in factors.items()}, rows
+    return {p: (f["stacked_A"], f["stacked_B"]) for p, f in factors.items()}, rows, adapter
 
 
 class BadMessage(ValueError):

@@ -34,7 +34,7 @@ def _port(address: str) -> int:
 def _check(cfg: Config, address: str, insecure: bool) -> None:
     from .. import strategies
 
-    if not strategies.get(cfg.strategy.name).deployable:
+    if not strategies.for_config(cfg).deployable:
         deployable = ", ".join(n for n, c in strategies.all_strategies().items() if c.deployable)
         raise ConfigError(f"strategy.name: {cfg.strategy.name} cannot be deployed (deployable: {deployable})")
     if ":" not in address:
@@ -167,7 +167,7 @@ def client(cfg: Config, client_id: int, server_address: str, certs: str | None, 
 
     shapes = {k: tuple(p.shape) for k, p in role.part.adapter.items()}
     max_bytes, max_header = message_limits(role.part.config.hidden_size, cfg.train.batch_size, cfg.data.max_length,
-                                           shapes, strategies.get(cfg.strategy.name).message_numel(role.part,
+                                           shapes, strategies.for_config(cfg).message_numel(role.part,
                                                                                                 cfg.strategy.num_clients))
     if cfg.deploy.max_message_mb is not None:
         max_bytes = cfg.deploy.max_message_mb << 20

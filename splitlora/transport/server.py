@@ -142,8 +142,9 @@ class RemoteClient:
         self.frozen = set()
         self.expect.adapter_shapes = {k: tuple(v.shape) for k, v in adapter.items()}   # what it sends from now
 
-    def fold(self, factors, ranks: dict[str, int], rows: dict) -> None:
-        self._call("fold", fold_message(factors, rows), {"ranks": ranks})
+    def fold(self, factors, ranks: dict[str, int], rows: dict, adapter: dict | None = None,
+             restart: bool = True) -> None:
+        self._call("fold", fold_message(factors, rows, adapter), {"ranks": ranks, "restart": restart})
         shapes = self.expect.adapter_shapes
         for k, s in shapes.items():
             r = ranks[k.rsplit(".lora_", 1)[0]]
