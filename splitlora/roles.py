@@ -43,6 +43,7 @@ class Client:
         self.ranks: dict[str, int] = {}                # LoRA module prefix -> its rank here (empty: all full)
         self.builder = None                            # split layer -> a new part (heterogeneous strategies)
         self.layout_required = False                   # no work before set_layout (a deployed heterogeneous client)
+        self.base_moved = False                        # its own base weights took a fold (set_layout, fold)
         self.cfg = cfg
         self._activations: torch.Tensor | None = None
 
@@ -186,6 +187,7 @@ class Client:
                 raise ValueError(f"client {self.cid}: base weight of {prefix} has shape {list(base[prefix].shape)}")
             own_base_weight(layer, base.get(prefix))
         self.part, self.ranks, self.frozen, self.layout_required = part, dict(ranks), set(), False
+        self.base_moved = bool(base)   # its base weights are no longer the pretrained ones (its state keeps them)
         set_checkpointing(part, self.runtime.checkpointing)
         self.learner = Learner(part, self.cfg)
         self.load_adapter_state(adapter)
@@ -215,6 +217,7 @@ class Client:
                 raise RuntimeError(f"client {self.cid}: fold before set_layout (the base weights are not its own)")
             a_stack, b_stack = factors[prefix]
             w.add_(b_stack.to(w.device, w.dtype) @ a_stack.to(w.device, w.dtype))
+            self.base_moved = True
             a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
             old, new = self.ranks.get(prefix, a.shape[0]), ranks[prefix]
             state = self.learner.optimizer.state
@@ -264,12 +267,31 @@ class Client:
                 p.zero_()
             self._cut(k, p).copy_(v)
 
+    def _owned_bases(self) -> dict[str, torch.Tensor]:
+        """prefix -> [out, in] of the base weights this client holds as its own (heterogeneous aggregation
+        folds updates into them)."""
+        return {p: base_weight(layer) for p, layer in lora_layers(self.part).items()
+                if getattr(layer.base_layer.weight, "owned", False)}
+
     def state_dict(self) -> dict:
+        """Its learner, data stream, counters and random state, and the base weights it owns once they
+        are no longer the pretrained ones (exactly as its folds made them: a resumed client continues bit
+        for bit)."""
+        base = self._owned_bases() if self.base_moved else {}
         return {"learner": self.learner.state_dict(), "stream": self.stream.state_dict(),
                 "compute_s": self.compute_s, "noise": self.noise.get_state(), "rng": self.rng.state,
-                "frozen": sorted(self.frozen)}
+                "frozen": sorted(self.frozen), "base": {p: w.detach().clone() for p, w in base.items()}}
 
+    @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
+        owned = self._owned_bases()
+        if set(state.get("base", {})) - set(owned):
+            raise KeyError(f"client {self.cid}: the state holds base weights of modules this client does not own")
+        for p, w in state.get("base", {}).items():
+            if tuple(w.shape) != tuple(owned[p].shape):
+                raise ValueError(f"client {self.cid}: base weight of {p} has shape {list(w.shape)}")
+            owned[p].copy_(w)
+            self.base_moved = True
         self.set_frozen(set(state.get("frozen", ())))
         self.learner.load_state_dict(state["learner"])
         self.stream.load_state_dict(state["stream"])

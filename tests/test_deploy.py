@@ -107,6 +107,10 @@ DEPLOYED = {"shared": {"strategy.server_mode": "shared"}, "per_client": {"strate
             "hsplitlora": {**HET, "lora.dropout": 0.1},
             "hsplitlora_ushape": {**HET, "model.top_layers": 1, "hsplit.client_step_s": 2e-3},
             "hetlora": {**HET, "strategy.name": "hetlora"},
+            # the other aggregations: a new adapter in the fold (stack_svd), adapters kept (stack_keep)
+            "hsplit_svd": {**HET, "hsplit.aggregation": "stack_svd"},
+            "hsplit_keep_ushape": {**HET, "hsplit.aggregation": "stack_keep", "model.top_layers": 1,
+                                   "hsplit.client_step_s": 2e-3},
             # a user's conversations through datasets, rendered as chat, clients split by a column's values
             "hf_messages": {"data.name": "hf", "data.format": "messages", "data.chat_template": "auto",
                             "data.path": str(Path(__file__).resolve().parents[1] / "data/examples/chat.jsonl"),
@@ -138,9 +142,11 @@ def test_deployed_run_equals_simulator(label, make_config, certs, tmp_path):
     assert set(wire["per_client"]) == {"0", "1"} and all(v["bytes_up"] > 0 for v in wire["per_client"].values())
     assert dep[-1]["dropouts"] == 0 and dep[-1]["live_clients"] == 2 and dep[-1]["refused_updates"] == 0
     # what the strategy accounted is what crossed the wire (the same safetensors messages); fedlora sends
-    # adapters only, so the deployment's commands and checkpoint reads weigh more there
+    # adapters only, so the deployment's commands and checkpoint reads weigh more there; a hsplitlora
+    # client's checkpoint state holds its own folded base weights (large next to a tiny model's traffic)
+    slack = {"fedlora": 2.0, "hsplitlora": 0.4}.get(cfg.strategy.name, 0.2)
     for key in ("bytes_up", "bytes_down"):
-        assert abs(dep[-1][key] / sim[-1][key] - 1) < (0.2 if cfg.strategy.name != "fedlora" else 2.0), key
+        assert abs(dep[-1][key] / sim[-1][key] - 1) < slack, key
 
 
 def _hello(cid):
@@ -233,6 +239,8 @@ KILLED = {"splitlora": {}, "dlora_dropout": {"strategy.name": "dlora", "dlora.wa
                                              "dlora.revive_interval": 5, "lora.dropout": 0.1},
           # the checkpoint holds the folded base weights; the clients get them back with their layouts
           "hsplitlora": {k: v for k, v in HET.items() if k != "train.max_steps"}}
+# stack_keep: each client's base under the adapter it began the round with comes back from the checkpoint
+KILLED["hsplit_keep"] = {**KILLED["hsplitlora"], "hsplit.aggregation": "stack_keep"}
 
 
 @pytest.mark.parametrize("label", list(KILLED))

@@ -14,14 +14,16 @@ an aggregation every client counts with the copy it trained through (its own, or
 U-shaped (`model.top_layers` = m): every client also holds blocks [L − m, L) and the head (their cost
 and memory count against its budget, their ranks come from its budget), the server blocks [min k, L − m).
 
-`hsplitlora`: noise-free aggregation. Per module, the copies are stacked (`hetero.stack`) into
-ΔW = Σ_i p_i s B_i A_i exactly; ΔW is folded into the frozen base weight, which every copy shares,
-every copy's B restarts at zero (A keeps what it learned, so ΔW restarts at zero too), and the fed
-server adds ΔW to the run's total update. Nothing is truncated, so nothing is lost; clients download the
-stacked factors of their modules. The importance of each module, Σ|W ⊙ ΔW| per round (EMA), decides
-ranks again when its distribution moved by more than `hsplit.realloc_threshold` (total variation);
-since every adapter restarts at each aggregation anyway, re-deciding loses no trained adapter. The
-exported adapter is the total update as a PEFT adapter of the rank it needs (`hsplit.export_tolerance`).
+`hsplitlora`: noise-free aggregation (`hsplit.aggregation`; docs/methods.md). Per module, the copies'
+round updates are stacked (`hetero.stack_updates`) into ΔW = Σ_i p_i s (B_i A_i − B0_i A0_i) exactly and
+added to the run's total; each copy then gets a new adapter (A', B') and its base gains
+ΔW − s B'A' + s B0 A0, so every copy computes with pretrained + total: `stack_fold` restarts B at zero,
+`stack_svd` hands each copy the top components of the copies' average (FlexLoRA), `stack_keep` keeps A,
+B and their AdamW moments. Clients download their modules' factors (and the new adapter under
+stack_svd). The importance of each module, Σ|W ⊙ ΔW| per round (EMA), decides ranks again when its
+distribution moved by more than `hsplit.realloc_threshold` (total variation); a shrunk rank's dropped
+components go into the base. The exported adapter is the total update as a PEFT adapter of the rank it
+needs (`hsplit.export_tolerance`).
 `hetlora`: the same clients, ranks and splits, with A and B averaged separately over the zero-padded
 copies (FedAvg of the masked tensors); each copy keeps its first r components.
 """
@@ -95,12 +97,12 @@ class HSplitLoRA(SplitLoRA):
 
     @classmethod
     def message_numel(cls, part, num_clients):
-        """set_layout (the base weights of its LoRA modules and its adapter) or fold (the round's update of
-        up to every client's copy and the server's, now and as the round began, the client's own adapter
-        now and before, and a new adapter)."""
+        """set_layout (the base weights of its LoRA modules and its adapter), its state (the same, with two
+        AdamW moments) or fold (the round's update of up to every client's copy and the server's, now and
+        as the round began, the client's own adapter now and before, and a new adapter)."""
         adapter = sum(p.numel() for p in part.adapter.values())
         base = sum(base_weight(m).numel() for m in lora_layers(part).values())
-        return max(base + adapter, (2 * (num_clients + 1) + 3) * adapter)
+        return max(base + 3 * adapter, (2 * (num_clients + 1) + 3) * adapter)   # a client state: + AdamW moments
 
     def __init__(self, setup, profiles: list[Profile], batch_size: int, max_length: int, rank: int = 4,
                  client_step_s: float = 1.0, min_split_layer: int = 1,

@@ -42,7 +42,7 @@ def message_limits(hidden: int, batch_size: int, max_length: int, adapter_shapes
     (`Strategy.message_numel`), with a quarter of headroom."""
     numel = sum(int(torch.Size(s).numel()) for s in adapter_shapes.values())
     tokens = batch_size * max_length
-    tensors = 3 * len(adapter_shapes) + 8
+    tensors = 4 * len(adapter_shapes) + 8   # a client state: the adapter, two moments, owned base weights
     header = _HEADER_BASE + _HEADER_PER_TENSOR * tensors
     largest = max(tokens * (hidden * 4 + 1 + 4), 3 * numel * 4, extra_numel * 4)
     return int(1.25 * largest) + header, header
