@@ -337,7 +337,7 @@ class HSplitLoRA(SplitLoRA):
         a, b = _factors(server[p])
         return "server", a.detach(), b.detach()
 
-    def _start(self, key, mod, states=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _start(self, key, mod) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of copy `key` (a client id or "server") of module mod as the round began."""
         p = self.prefix[mod]
         if key == "server":
@@ -374,8 +374,8 @@ class HSplitLoRA(SplitLoRA):
         return {}
 
     def _combine(self, copies):
-        """Noise-free: the round's update ΔW = Σ_i p_i s (B_i A_i − B0_i A0_i) as stacked factors (exact),
-        added to the run's total; for stack_svd also the SVD of the copies' average adapter."""
+        """Noise-free: the round's update ΔW = Σ_i p_i s (B_i A_i − B0_i A0_i) of one module as stacked
+        factors (exact); for stack_svd also the SVD of the copies' average adapter Σ_i p_i s B_i A_i."""
         weights = [w for *_, w in copies]
         factors = hetero.stack_updates([(a, b, a0, b0, self.scaling) for a, b, a0, b0, _ in copies], weights)
         svd = None
