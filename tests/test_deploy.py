@@ -107,9 +107,9 @@ DEPLOYED = {"shared": {"strategy.server_mode": "shared"}, "per_client": {"strate
             "hsplitlora": {**HET, "lora.dropout": 0.1},
             "hsplitlora_ushape": {**HET, "model.top_layers": 1, "hsplit.client_step_s": 2e-3},
             "hetlora": {**HET, "strategy.name": "hetlora"},
-            # the other aggregations: a new adapter in the fold (stack_svd), adapters kept (stack_keep)
+            # the other aggregations (the default keeps adapters): a new adapter in the fold (stack_svd), B restarted
             "hsplit_svd": {**HET, "hsplit.aggregation": "stack_svd"},
-            "hsplit_keep_ushape": {**HET, "hsplit.aggregation": "stack_keep", "model.top_layers": 1,
+            "hsplit_fold_ushape": {**HET, "hsplit.aggregation": "stack_fold", "model.top_layers": 1,
                                    "hsplit.client_step_s": 2e-3},
             # a user's conversations through datasets, rendered as chat, clients split by a column's values
             "hf_messages": {"data.name": "hf", "data.format": "messages", "data.chat_template": "auto",
@@ -239,8 +239,8 @@ KILLED = {"splitlora": {}, "dlora_dropout": {"strategy.name": "dlora", "dlora.wa
                                              "dlora.revive_interval": 5, "lora.dropout": 0.1},
           # the checkpoint holds the folded base weights; the clients get them back with their layouts
           "hsplitlora": {k: v for k, v in HET.items() if k != "train.max_steps"}}
-# stack_keep: each client's base under the adapter it began the round with comes back from the checkpoint
-KILLED["hsplit_keep"] = {**KILLED["hsplitlora"], "hsplit.aggregation": "stack_keep"}
+# (the default, stack_keep: each client's own base, under the adapter it keeps, comes back from the checkpoint)
+KILLED["hsplit_fold"] = {**KILLED["hsplitlora"], "hsplit.aggregation": "stack_fold"}
 
 
 @pytest.mark.parametrize("label", list(KILLED))

@@ -61,7 +61,7 @@ class HSplitLoRA(SplitLoRA):
     section = "hsplit"
     client_layouts = True
     aggregations = ("stack_fold", "stack_svd", "stack_keep")   # hetlora: zero_pad
-    default_aggregation = "stack_fold"
+    default_aggregation = "stack_keep"   # the best measured (benchmarks/README.md: bench hetero)
 
     @classmethod
     def resolve(cls, cfg):
