@@ -20,8 +20,9 @@ split and ranks) on the same data and samples. Per setting (partition x aggregat
 `zero_pad` (HetLoRA: A and B averaged over zero-padded copies) and `splitlora_weakest` (plain SplitLoRA,
 every client held to the weakest client's split and mean rank, same LoRA scaling; in the settings
 named by --weakest). Per variant: mean, sd and values over seeds of the final and best validation
-loss, samples and simulated seconds until the validation loss first reaches the setting's target (the
-worst variant's mean final loss, splitlora_weakest left out; runs that never reach it are counted),
+loss, samples and simulated seconds until the validation loss first reaches the seed's target (the
+worst final loss of that seed's aggregations, splitlora_weakest left out; runs that never reach it are
+counted),
 client FLOPs (simulated device compute, all clients). Then Kill & Revive once: `dlora`
 (configs/dlora.yaml) against `splitlora` with the same config: device FLOPs and bytes saved, and the
 validation-loss cost."""
@@ -48,12 +49,16 @@ def _to_target(records: list[dict], target: float) -> tuple[int | None, float | 
 
 
 def _setting_summary(runs: dict[str, list[dict]]) -> dict:
+    """Per variant over seeds; the target of a seed is the worst final validation loss of that seed's
+    aggregations (so every one reaches it; seeds differ more than variants do)."""
     finals = {v: _mean_sd([r["final_val_loss"] for r in rs]) for v, rs in runs.items()}
-    compared = [f["mean"] for v, f in finals.items() if v != "splitlora_weakest" and f["mean"] is not None]
-    target = max(compared) if compared else None
-    out = {"target_val_loss": target, "variants": {}}
+    targets: dict[int, float] = {}
     for v, rs in runs.items():
-        reached = [_to_target(r["curve"], target) if target is not None else (None, None) for r in rs]
+        for r in rs if v != "splitlora_weakest" else ():
+            targets[r["seed"]] = max(targets.get(r["seed"], r["final_val_loss"]), r["final_val_loss"])
+    out = {"target_val_loss": {str(k): t for k, t in sorted(targets.items())}, "variants": {}}
+    for v, rs in runs.items():
+        reached = [_to_target(r["curve"], targets[r["seed"]]) if r["seed"] in targets else (None, None) for r in rs]
         out["variants"][v] = {
             "final_val_loss": {**finals[v], "values": [r["final_val_loss"] for r in rs]},
             "best_val_loss": {**_mean_sd([r["best_val_loss"] for r in rs]), "values": [r["best_val_loss"] for r in rs]},
