@@ -23,7 +23,8 @@ class Command:
     up: str | None = None     # the cost model's kind of the reply's bytes (None: an acknowledgement)
     lossy: bool = False       # the request's activations travel at the wire precision
     lossy_reply: bool = False  # the reply's activations travel at the wire precision
-    counted: bool = True      # False: a measurement (evaluation), not the run's traffic
+    ledger: str = "run"       # where its bytes count: the run's traffic, "checkpoint" reads and restores
+                              # (the deployment's fault tolerance; reported apart) or "measurement" (not counted)
 
 
 COMMANDS: dict[str, Command] = {c.name: c for c in (
@@ -32,15 +33,18 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("top_step", "top", down="server_activations", up="top_grad", lossy=True, lossy_reply=True),
     Command("local_step", "loss"),
     Command("adapter_state", "adapter", up="adapter_up"),
-    Command("peek_adapter_state", "adapter", counted=False),
+    Command("peek_adapter_state", "adapter", ledger="measurement"),
     Command("load_adapter_state", down="adapter_down"),
     Command("set_frozen"),                                   # DLoRA: kill and revive modules
     Command("set_layout", down="layout"),                    # heterogeneous: split, ranks, adapter, base
     Command("fold", down="adapter_down"),                    # heterogeneous: factors into the base, new adapter
-    Command("state_dict", "state"),
-    Command("load_state_dict"),
+    Command("state_dict", "state", ledger="checkpoint"),
+    Command("load_state_dict", ledger="checkpoint"),
     Command("reset"),                                        # a new run: back to the initial state
 )}
+
+# how a heterogeneous client's adapter is refitted at a fold (`roles.refit_adapter`; hsplit.aggregation)
+FOLD_MODES = ("restart", "keep", "replace")
 
 # what the cost model prices per kind: bytes a client sends (up) and receives (down); "data" is cenlora's upload
 UP_KINDS = tuple(dict.fromkeys([c.up for c in COMMANDS.values() if c.up] + ["data"]))
@@ -68,7 +72,6 @@ class ClientHandle(Protocol):
     def load_adapter_state(self, state: dict) -> None: ...
     def set_frozen(self, keys) -> None: ...
     def set_layout(self, split: int, ranks: dict, adapter: dict, base: dict) -> None: ...
-    def fold(self, factors: dict, ranks: dict, rows: dict, adapter: dict | None = None,
-             restart: bool = True) -> None: ...
+    def fold(self, factors: dict, ranks: dict, rows: dict, mode: str, adapter: dict | None = None) -> None: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...

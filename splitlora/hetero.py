@@ -99,17 +99,12 @@ def stack_updates(updates: Sequence[tuple[Tensor, Tensor, Tensor, Tensor, float]
                   weights: Sequence[float]) -> tuple[Tensor, Tensor]:
     """Noise-free aggregation of what adapters that did not start at zero learned in a round: for updates
     (A_k, B_k, A0_k, B0_k, s_k) (the factors now and as the round began), factors of
-    Σ_k p_k s_k (B_k A_k − B0_k A0_k), exactly; a start whose B is zero adds no columns (then this is
-    `stack`)."""
+    Σ_k p_k s_k (B_k A_k − B0_k A0_k), exactly: `stack` of the adapters now, `concat` with the starts
+    (a start whose B is zero adds no columns)."""
     p = _normalise(weights, len(updates))
-    a_parts, b_parts = [], []
-    for pk, (a, b, a0, b0, s) in zip(p, updates, strict=True):
-        for sign, (fa, fb) in ((1.0, (a, b)), (-1.0, (a0, b0))):
-            _check([(fa, fb, s)])
-            if sign > 0 or bool(fb.any()):
-                a_parts.append(fa)
-                b_parts.append((sign * pk * s) * fb)
-    return torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1)
+    starts = _check([(a0, b0, s) for _, _, a0, b0, s in updates])
+    now = stack([(a, b, s) for a, b, _, _, s in updates], weights)
+    return concat(now, *((a0, (-pk * s) * b0) for pk, (a0, b0, s) in zip(p, starts, strict=True)))
 
 
 def concat(*factors: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:

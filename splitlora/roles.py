@@ -16,6 +16,7 @@ import time
 import torch
 
 from . import robust
+from .contract import FOLD_MODES
 from .data import BatchStream
 from .learning import BadUpdate, ClientDropped, Learner, Loss, OptimConfig, Privacy, all_finite, lm_losses
 
@@ -24,6 +25,40 @@ __all__ = ["Client", "MainServer", "FedServer", "fedavg", "OptimConfig"]   # Opt
 from .runtime import RandomStream, Runtime, role_seed
 from .split import ModelPart, base_weight, lora_layers, own_base_weight, set_checkpointing
 from .transport.codec import smashed_message
+
+
+@torch.no_grad()
+def refit_adapter(a: torch.Tensor, b: torch.Tensor, moments: dict, mode: str, old: int, new: int,
+                  rows: torch.Tensor | None = None,
+                  given: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """What one LoRA module's adapter (A [R, in], B [out, R], trained in its first `old` components) becomes
+    at a heterogeneous aggregation, at rank `new`, and which AdamW moments (`moments`: the optimizer's
+    per-parameter state) it forgets; the server's copy and every client's go through here:
+    - "restart" (stack_fold): B := 0, B's moments forgotten; A keeps what it learned, its moments too
+      unless the rank changed;
+    - "keep" (stack_keep): A, B and their moments are kept; both moments forgotten if the rank changed;
+    - "replace" (stack_svd): A, B := `given` (cut to `new`); both moments forgotten.
+    A grown rank adds `rows` to A; components beyond `new` are zeroed."""
+    if mode == "replace":
+        a_new, b_new = given
+        if tuple(a_new.shape) != (new, a.shape[1]) or tuple(b_new.shape) != (b.shape[0], new):
+            raise ValueError(f"the new adapter is not at rank {new}")
+        a.zero_(), b.zero_()
+        a[:new], b[:, :new] = a_new.to(a.device, a.dtype), b_new.to(b.device, b.dtype)
+        moments.pop(a, None), moments.pop(b, None)
+        return
+    if mode not in ("restart", "keep"):
+        raise ValueError(f"unknown fold mode {mode!r}")
+    if rows is not None:
+        a[old:new] = rows.to(a.device, a.dtype)
+    a[new:] = 0
+    b[:, new:] = 0
+    if mode == "restart":
+        b.zero_()
+    if mode == "restart" or new != old:
+        moments.pop(b, None)
+    if new != old:
+        moments.pop(a, None)
 
 
 class Client:
@@ -195,22 +230,20 @@ class Client:
 
     @torch.no_grad()
     def fold(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], ranks: dict[str, int],
-             rows: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor] | None = None,
-             restart: bool = True) -> None:
+             rows: dict[str, torch.Tensor], mode: str, adapter: dict[str, torch.Tensor] | None = None) -> None:
         """A heterogeneous aggregation, client side (`hsplit.aggregation`): each module's base weight gains
-        B @ A of the stacked factors it is sent (scaling included), then its adapter, at the new rank:
-        - `adapter` given (stack_svd): A and B become those tensors; the optimizer forgets both;
-        - else `restart` (stack_fold): B restarts at zero and the optimizer forgets B; A keeps what it
-          learned (`rows`: the rows a grown rank adds; rows beyond the rank are zeroed), and its moments
-          unless the rank changed;
-        - else (stack_keep): A and B and their moments are kept; a grown rank adds `rows` to A, a shrunk
-          one zeroes the components beyond it, and the optimizer forgets a module whose rank changed."""
+        B @ A of the stacked factors it is sent (scaling included), then its adapter is refitted at the new
+        rank by `mode` (`refit_adapter`; `adapter`: the new one, for mode "replace")."""
         layers = lora_layers(self.part)
         if set(factors) != set(layers) or set(ranks) != set(layers) or not set(rows) <= set(layers):
             raise KeyError(f"client {self.cid}: fold for modules this part does not hold")
+        if mode not in FOLD_MODES:
+            raise ValueError(f"client {self.cid}: fold mode must be one of {', '.join(FOLD_MODES)}, got {mode!r}")
         adapter = adapter or {}
-        if adapter and set(adapter) != {f"{p}.lora_{x}.weight" for p in layers for x in "AB"}:
-            raise KeyError(f"client {self.cid}: fold's adapter does not match the modules this part holds")
+        if (mode == "replace") != bool(adapter) or (
+                adapter and set(adapter) != {f"{p}.lora_{x}.weight" for p in layers for x in "AB"}):
+            raise KeyError(f"client {self.cid}: fold's adapter does not match the modules this part holds "
+                           f"(a new adapter comes with mode replace only)")
         for prefix, layer in layers.items():
             w = base_weight(layer)
             if not getattr(layer.base_layer.weight, "owned", False):
@@ -219,27 +252,13 @@ class Client:
             w.add_(b_stack.to(w.device, w.dtype) @ a_stack.to(w.device, w.dtype))
             self.base_moved = True
             a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-            old, new = self.ranks.get(prefix, a.shape[0]), ranks[prefix]
-            state = self.learner.optimizer.state
-            if adapter:
-                a_new, b_new = adapter[f"{prefix}.lora_A.weight"], adapter[f"{prefix}.lora_B.weight"]
-                if tuple(a_new.shape) != (new, a.shape[1]) or tuple(b_new.shape) != (b.shape[0], new):
-                    raise ValueError(f"client {self.cid}: fold's adapter for {prefix} is not at rank {new}")
-                a.zero_(), b.zero_()
-                a[:new], b[:, :new] = a_new.to(a.device, a.dtype), b_new.to(b.device, b.dtype)
-                state.pop(a, None), state.pop(b, None)
-                continue
-            if prefix in rows:
-                a[old:new] = rows[prefix].to(a.device, a.dtype)
-            a[new:] = 0
-            b[:, new:] = 0
-            if restart:
-                b.zero_()
-                state.pop(b, None)
-            elif new != old:
-                state.pop(b, None)
-            if new != old:
-                state.pop(a, None)
+            new = ranks[prefix]
+            given = (adapter[f"{prefix}.lora_A.weight"], adapter[f"{prefix}.lora_B.weight"]) if adapter else None
+            try:
+                refit_adapter(a, b, self.learner.optimizer.state, mode, self.ranks.get(prefix, a.shape[0]), new,
+                              rows.get(prefix), given)
+            except ValueError as e:
+                raise ValueError(f"client {self.cid}: fold for {prefix}: {e}") from None
         self.ranks = dict(ranks)
         self._mask()
 

@@ -300,10 +300,15 @@ def test_bench_hetero(tmp_path, e2e_file):
                                                   if k != "splitlora_weakest")
     assert all(v["samples_to_target"]["reached"] == 2 for k, v in summary["variants"].items() if k != "splitlora_weakest")
     assert set(result["dlora"]["runs"]) == {"dlora", "splitlora"}
-    # --reuse reads every finished run instead of training it again
+    # --reuse reads every finished run instead of training it again; a subset of aggregations, no dlora
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "work").rglob("summary.json")}
-    assert main([*args, "--reuse"]) == 0
+    out.unlink()
+    assert main([*args, "--reuse", "--aggregations", "stack_keep,zero_pad", "--no-dlora"]) == 0
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "work").rglob("summary.json")} == before
+    again = json.loads(out.read_text())
+    assert set(again["settings"]["iid@2"]["runs"]) == {"stack_keep", "zero_pad", "splitlora_weakest"}
+    assert "dlora" not in again
+    assert again["settings"]["iid@2"]["runs"]["stack_keep"] == setting["runs"]["stack_keep"]
 
 
 def test_bench_noise(tmp_path, e2e_file):

@@ -141,12 +141,13 @@ def test_deployed_run_equals_simulator(label, make_config, certs, tmp_path):
     wire = result["summary"]["wire"]
     assert set(wire["per_client"]) == {"0", "1"} and all(v["bytes_up"] > 0 for v in wire["per_client"].values())
     assert dep[-1]["dropouts"] == 0 and dep[-1]["live_clients"] == 2 and dep[-1]["refused_updates"] == 0
-    # what the strategy accounted is what crossed the wire (the same safetensors messages); fedlora sends
-    # adapters only, so the deployment's commands and checkpoint reads weigh more there; a hsplitlora
-    # client's checkpoint state holds its own folded base weights (large next to a tiny model's traffic)
-    slack = {"fedlora": 2.0, "hsplitlora": 0.4}.get(cfg.strategy.name, 0.2)
+    # what the strategy accounted is what crossed the wire (the same safetensors messages); the client states
+    # read for the checkpoint at every aggregation are counted apart, not as the run's traffic
+    assert all(v["bytes_up"] > 0 for v in wire["checkpoint"]["per_client"].values())
+    # (measured: within 0.8 % for the split strategies, 4 % for fedlora, whose messages are few and small
+    # next to the commands' headers)
     for key in ("bytes_up", "bytes_down"):
-        assert abs(dep[-1][key] / sim[-1][key] - 1) < slack, key
+        assert abs(dep[-1][key] / sim[-1][key] - 1) < 0.05, key
 
 
 def _hello(cid):

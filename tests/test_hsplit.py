@@ -339,3 +339,58 @@ def test_an_adapter_no_optimizer_could_produce_is_refused_and_the_base_stays_fin
     for t in range(4):   # every update of the honest clients is bounded as it is: none refused
         honest.step(t)
     assert honest.refused_updates == 0 and honest.dropouts == []
+
+
+# -- the fold modes, one rule for the server's copy and every client's ------------------------------------
+
+def _adapter_with_moments(rank=4, out=6, inp=5):
+    a, b = torch.nn.Parameter(torch.randn(rank, inp)), torch.nn.Parameter(torch.randn(out, rank))
+    a.data[3:], b.data[:, 3:] = 0, 0   # trained in its first 3 components
+    return a, b, {a: {"exp_avg": 1}, b: {"exp_avg": 1}}
+
+
+@pytest.mark.parametrize("mode, new, kept_a, kept_b, forgets", [
+    ("keep", 3, True, True, set()), ("keep", 2, True, True, {"a", "b"}),
+    ("restart", 3, True, False, {"b"}), ("restart", 4, True, False, {"a", "b"}),
+    ("replace", 3, False, False, {"a", "b"})])
+def test_refit_adapter_by_mode(mode, new, kept_a, kept_b, forgets):
+    from splitlora.roles import refit_adapter
+
+    a, b, moments = _adapter_with_moments()
+    a0, b0 = a.detach().clone(), b.detach().clone()
+    rows = torch.full((new - 3, 5), 7.0) if new > 3 and mode != "replace" else None
+    given = (torch.ones(new, 5), torch.ones(6, new)) if mode == "replace" else None
+    refit_adapter(a, b, moments, mode, 3, new, rows, given)
+    keep = min(3, new)
+    assert torch.equal(a[:keep], a0[:keep]) == kept_a and torch.equal(b[:, :keep], b0[:, :keep]) == kept_b
+    assert not a[new:].any() and not b[:, new:].any()   # nothing beyond the new rank
+    if mode == "restart":
+        assert not b.any()
+    if rows is not None:
+        assert torch.equal(a[3:new], rows)
+    if given is not None:
+        assert torch.equal(a[:new], given[0]) and torch.equal(b[:, :new], given[1])
+    assert {n for n, p in (("a", a), ("b", b)) if p not in moments} == forgets
+    with pytest.raises(ValueError, match="rank 2"):
+        refit_adapter(a, b, moments, "replace", 3, 2, given=(torch.ones(3, 5), torch.ones(6, 3)))
+    with pytest.raises(ValueError, match="unknown fold mode"):
+        refit_adapter(a, b, moments, "average", 3, 3)
+
+
+def test_deployed_client_refuses_a_fold_of_unknown_mode():
+    from splitlora.transport.client import Refused, _fold
+    from splitlora.transport.codec import fold_message
+
+    called = []
+
+    class Client:
+        def fold(self, *args):
+            called.append(args)
+
+    message = fold_message({"m": (torch.zeros(1, 2), torch.zeros(2, 1))}, {})
+    with pytest.raises(Refused, match="mode must be one of restart, keep, replace"):
+        _fold(Client(), message, {"ranks": {"m": 1}, "mode": "average"}, None)
+    with pytest.raises(Refused, match="mode"):
+        _fold(Client(), message, {"ranks": {"m": 1}}, None)
+    _fold(Client(), message, {"ranks": {"m": 1}, "mode": "keep"}, None)
+    assert len(called) == 1 and called[0][3] == "keep"

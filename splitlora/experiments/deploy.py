@@ -24,7 +24,8 @@ process per client, mutual TLS) against the same run in one process (`splitlora 
   serialization, waiting), from the metrics' compute counters.
 - bytes: `socket`: counted at the sockets by a TCP relay between the clients and the server (TLS
   records, HTTP/2 and gRPC framing, every message); `messages`: what the server counted (summary.json
-  `wire`); `accounted`: what the simulator accounts (metrics bytes_up + bytes_down). `*_run`: the
+  `wire`: the run's traffic, and apart the `checkpoint` reads and restores of client states; both
+  here); `accounted`: what the simulator accounts (metrics bytes_up + bytes_down). `*_run`: the
   whole run, which in a deployment also carries the client states the server checkpoints at every
   aggregation (adapter + AdamW moments) and the evaluation reads of client adapters, neither of which
   the simulator sends over a link; `*_training`: only the steps with split training traffic alone
@@ -222,7 +223,9 @@ class _DeployBench:
         summary = json.loads((dep_out / "summary.json").read_text())
         sim_by_step = {r["step"]: r["bytes_up"] + r["bytes_down"] for r in sim_recs}
         accounted = sim_by_step[self.steps]
-        messages = summary["wire"]["bytes_up"] + summary["wire"]["bytes_down"]
+        wire, ckpt = summary["wire"], summary["wire"]["checkpoint"]   # the run's traffic, checkpoint reads apart
+        messages_up, messages_down = wire["bytes_up"] + ckpt["bytes_up"], wire["bytes_down"] + ckpt["bytes_down"]
+        messages = messages_up + messages_down
         socket = sum(dep["socket"])
         snaps = {s: sum(c) for s, c in dep["snapshots"].items()}
         clean = [s for s in self.clean_steps() if s in snaps and s - 1 in snaps]
@@ -242,7 +245,8 @@ class _DeployBench:
             "training_steps_compared": clean,
             "bytes": {
                 "accounted_run": {"up": sim_recs[-1]["bytes_up"], "down": sim_recs[-1]["bytes_down"]},
-                "messages_run": {"up": summary["wire"]["bytes_up"], "down": summary["wire"]["bytes_down"]},
+                "messages_run": {"up": messages_up, "down": messages_down},
+                "checkpoint_messages": {"up": ckpt["bytes_up"], "down": ckpt["bytes_down"]},
                 "socket_run": {"up": dep["socket"][0], "down": dep["socket"][1]},
                 "socket_training": socket_training, "accounted_training": accounted_training,
                 "deployment_only_messages": messages - accounted,

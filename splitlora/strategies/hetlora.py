@@ -18,6 +18,7 @@ class HetLoRA(HSplitLoRA):
     pretrained one, and ranks and splits stay as first decided."""
 
     name = "hetlora"
+    fold_modes = {}   # no folds: A and B averaged
     aggregations = ("zero_pad",)
     default_aggregation = "zero_pad"
 

@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 from .. import hetero
 from ..checkpoint import atomic_directory
 from ..cost import Profile, Shapes, part_flops, part_memory_bytes
-from ..roles import MainServer
+from ..roles import MainServer, refit_adapter
 from ..split import base_weight, full_part, lora_layers, lora_targets, make_part
 from .splitlora import SplitLoRA
 
@@ -60,7 +60,8 @@ class HSplitLoRA(SplitLoRA):
     name = "hsplitlora"
     section = "hsplit"
     client_layouts = True
-    aggregations = ("stack_fold", "stack_svd", "stack_keep")   # hetlora: zero_pad
+    fold_modes = {"stack_fold": "restart", "stack_svd": "replace", "stack_keep": "keep"}   # roles.refit_adapter
+    aggregations = tuple(fold_modes)   # hetlora: zero_pad
     default_aggregation = "stack_keep"   # the best measured (benchmarks/README.md: bench hetero)
 
     @classmethod
@@ -113,6 +114,7 @@ class HSplitLoRA(SplitLoRA):
         if self.aggregation not in self.aggregations:
             raise ValueError(f"hsplit.aggregation: {self.name} aggregates by {' or '.join(self.aggregations)}, "
                              f"not {self.aggregation!r}")
+        self.mode = self.fold_modes.get(self.aggregation)   # what each copy's adapter becomes at a fold
         self.shapes = Shapes.from_model(setup.template)
         self.layers = len(self.shapes.blocks)
         self.top = self.layers - setup.top_layers   # U-shape: blocks [top, L) and the head stay on every client
@@ -267,13 +269,9 @@ class HSplitLoRA(SplitLoRA):
             if p in layers:
                 a, b = _factors(layers[p])
                 before = self._product(*self.server_given[p])
-                if self.aggregation == "stack_svd":
-                    a_new, b_new = self._truncated(svds[mod], a.shape[0])
-                    a.copy_(a_new), b.copy_(b_new)
-                    learner.optimizer.state.pop(a, None), learner.optimizer.state.pop(b, None)
-                elif self.aggregation == "stack_fold":
-                    b.zero_()
-                    learner.optimizer.state.pop(b, None)
+                r = a.shape[0]
+                given = self._truncated(svds[mod], r) if self.mode == "replace" else None
+                refit_adapter(a, b, learner.optimizer.state, self.mode, r, r, given=given)
                 change = change - self._product(a, b) + before
             self.base[mod].add_(change.to(self.base[mod].dtype))
         self.server_given = self._server_adapter()
@@ -379,7 +377,7 @@ class HSplitLoRA(SplitLoRA):
         weights = [w for *_, w in copies]
         factors = hetero.stack_updates([(a, b, a0, b0, self.scaling) for a, b, a0, b0, _ in copies], weights)
         svd = None
-        if self.aggregation == "stack_svd":
+        if self.mode == "replace":
             svd = hetero.factored_svd(*hetero.stack([(a, b, self.scaling) for a, b, *_ in copies], weights))
         return factors, svd
 
@@ -390,7 +388,7 @@ class HSplitLoRA(SplitLoRA):
         cid = c.cid
         mods = self._client_mods(cid)
         ranks = {self.prefix[m]: self.ranks[cid][m] for m in mods}
-        svd = self.aggregation == "stack_svd"
+        svd = self.mode == "replace"
         rows = {} if svd else self._rows(cid, old_ranks, self.ranks[cid])
         factors, given = {}, {}
         for m in mods:
@@ -401,14 +399,13 @@ class HSplitLoRA(SplitLoRA):
             else:
                 a_new = torch.cat([a, rows[p]])[:r] if p in rows else a[:r].clone()
                 b_new = b.new_zeros(b.shape[0], r)
-                if self.aggregation == "stack_keep":
+                if self.mode == "keep":
                     b_new[:, :min(r, b.shape[1])] = b[:, :r]
             a0, b0 = self._start(cid, m)
             factors[p] = hetero.concat(deltas[m], (a_new, -self.scaling * b_new), (a0, self.scaling * b0))
             given[f"{p}.lora_A.weight"], given[f"{p}.lora_B.weight"] = a_new, b_new
         adapter = given if svd else None
-        restart = self.aggregation == "stack_fold"
-        ok, _ = self.guarded(self.t, c, lambda c: c.fold(factors, ranks, rows, adapter, restart))
+        ok, _ = self.guarded(self.t, c, lambda c: c.fold(factors, ranks, rows, self.mode, adapter))
         if not ok:
             self.held[cid] = None
             return

@@ -14,7 +14,7 @@ import grpc
 import torch
 
 from ..checkpoint import join_tensors, split_tensors
-from ..contract import COMMANDS
+from ..contract import COMMANDS, FOLD_MODES
 from ..learning import ClientDropped
 from .checks import count_of
 from .codec import FULL_METHOD, BadMessage, pack, parse_fold, parse_layout, unpack
@@ -154,9 +154,9 @@ def _set_layout(client, tensors, meta, initial):
 
 def _fold(client, tensors, meta, initial):
     factors, rows, adapter = parse_fold(tensors)
-    if not isinstance(meta.get("restart", True), bool):
-        raise Refused("fold: restart must be true or false")
-    client.fold(factors, _ranks(meta, "fold"), rows, adapter, meta.get("restart", True))
+    if meta.get("mode") not in FOLD_MODES:
+        raise Refused(f"fold: mode must be one of {', '.join(FOLD_MODES)}")
+    client.fold(factors, _ranks(meta, "fold"), rows, meta["mode"], adapter)
     return {}, {}
 
 

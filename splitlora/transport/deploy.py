@@ -126,7 +126,7 @@ def serve(cfg: Config, address: str, certs: str | None, output: str, resume: boo
 
     try:
         summary = train(cfg, output, resume=output if resume else None, progress=progress, hub=hub, on_built=listen)
-        summary["wire"] = hub.stats.state_dict()
+        summary["wire"] = {**hub.stats.state_dict(), "checkpoint": hub.checkpoint_stats.state_dict()}
         summary["refused_sessions"] = hub.refused
         (Path(output) / "summary.json").write_text(json.dumps(summary, indent=2))
         hub.finish()

@@ -111,13 +111,13 @@ class LinkedClient:
         down = self.link.down(layout_message(adapter, base), self.cid, COMMANDS["set_layout"].down)
         self.client.set_layout(split, ranks, *parse_layout(down))
 
-    def fold(self, factors, ranks: dict[str, int], rows: dict[str, torch.Tensor], adapter: dict | None = None,
-             restart: bool = True) -> None:
+    def fold(self, factors, ranks: dict[str, int], rows: dict[str, torch.Tensor], mode: str,
+             adapter: dict | None = None) -> None:
         """A heterogeneous aggregation, down: the stacked factors of the client's modules, its new ranks and
         rows, and (stack_svd) its new adapter."""
         down = self.link.down(fold_message(factors, rows, adapter), self.cid, COMMANDS["fold"].down)
         factors, rows, adapter = parse_fold(down)
-        self.client.fold(factors, ranks, rows, adapter, restart)
+        self.client.fold(factors, ranks, rows, mode, adapter)
 
     def peek_adapter_state(self) -> dict[str, torch.Tensor]:
         """The whole adapter (frozen tensors too) for evaluation: a measurement, so nothing is counted."""

@@ -66,7 +66,7 @@ class RemoteClient:
             raise ClientDropped(f"client {self.cid}: not connected")
         nonce = secrets.randbits(62)   # the reply must echo it: a stale or replayed reply cannot
         data = pack(kind, tensors, {**(meta or {}), "nonce": nonce}, self.hub.precision if cmd.lossy else "fp32")
-        stats = self.hub.stats if cmd.counted else Traffic()   # evaluation reads are measurements, not traffic
+        stats = {"run": self.hub.stats, "checkpoint": self.hub.checkpoint_stats}.get(cmd.ledger, Traffic())
         stats.add(self.cid, down=len(data), kind=cmd.down or "command")
         sent = time.monotonic()
         session.outbox.put(("msg", data))
@@ -142,9 +142,8 @@ class RemoteClient:
         self.frozen = set()
         self.expect.adapter_shapes = {k: tuple(v.shape) for k, v in adapter.items()}   # what it sends from now
 
-    def fold(self, factors, ranks: dict[str, int], rows: dict, adapter: dict | None = None,
-             restart: bool = True) -> None:
-        self._call("fold", fold_message(factors, rows, adapter), {"ranks": ranks, "restart": restart})
+    def fold(self, factors, ranks: dict[str, int], rows: dict, mode: str, adapter: dict | None = None) -> None:
+        self._call("fold", fold_message(factors, rows, adapter), {"ranks": ranks, "mode": mode})
         shapes = self.expect.adapter_shapes
         for k, s in shapes.items():
             r = ranks[k.rsplit(".lora_", 1)[0]]
@@ -178,7 +177,8 @@ class Hub:
         self.timeout_s, self.precision, self.secure, self.max_bytes = timeout_s, precision, secure, max_bytes
         self.hello_timeout_s, self.max_pending = hello_timeout_s, max_pending
         self.max_pending_total = num_clients + 8
-        self.stats = Traffic()
+        self.stats = Traffic()              # the run's traffic (the strategy's link: metrics, cost model)
+        self.checkpoint_stats = Traffic()   # client states read for checkpoints and restored (this process)
         self.start_step = 0      # the step the server's run starts (or resumes) at
         self.joined = threading.Condition()
         self._lock = threading.Lock()
