@@ -114,8 +114,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--output", required=True, help="JSON file to write")
     b.add_argument("--model", help="overhead, deploy: default smollm2-135m-instruct; scale: default tiny-llama")
     b.add_argument("--steps", type=int,
-                   help="overhead: timed steps (default 30); deploy, scale: training steps, the first untimed "
-                        "(default 6)")
+                   help="overhead: timed steps (default 30); hetero: training steps (default: configs/hsplitlora.yaml's); "
+                        "deploy, scale: training steps, the first untimed (default 6)")
     b.add_argument("--split-layer", type=int, help="overhead, deploy: default 3; memory: default 2")
     b.add_argument("--clients", default="1,2,4,8,16", help="scale: numbers of client processes")
     b.add_argument("--workdir", help="deploy, hetero, scale: keep the runs and logs here (default: a temporary directory); "

@@ -99,12 +99,14 @@ def stack_updates(updates: Sequence[tuple[Tensor, Tensor, Tensor, Tensor, float]
                   weights: Sequence[float]) -> tuple[Tensor, Tensor]:
     """Noise-free aggregation of what adapters that did not start at zero learned in a round: for updates
     (A_k, B_k, A0_k, B0_k, s_k) (the factors now and as the round began), factors of
-    Σ_k p_k s_k (B_k A_k − B0_k A0_k), exactly: `stack` of the adapters now, `concat` with the starts
+    Σ_k p_k s_k (B_k A_k − B0_k A0_k), exactly: the `concat` of each adapter's pair now and its start
     (a start whose B is zero adds no columns)."""
     p = _normalise(weights, len(updates))
-    starts = _check([(a0, b0, s) for _, _, a0, b0, s in updates])
-    now = stack([(a, b, s) for a, b, _, _, s in updates], weights)
-    return concat(now, *((a0, (-pk * s) * b0) for pk, (a0, b0, s) in zip(p, starts, strict=True)))
+    pairs = []
+    for pk, (a, b, a0, b0, s) in zip(p, updates, strict=True):
+        _check([(a, b, s), (a0, b0, s)])
+        pairs += [(a, (pk * s) * b), (a0, (-pk * s) * b0)]
+    return concat(*pairs)
 
 
 def concat(*factors: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
