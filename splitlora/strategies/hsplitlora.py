@@ -394,13 +394,12 @@ class HSplitLoRA(SplitLoRA):
         for m in mods:
             p, r = self.prefix[m], self.ranks[cid][m]
             a, b = upload[f"{p}.lora_A.weight"], upload[f"{p}.lora_B.weight"]
-            if svd:
-                a_new, b_new = self._truncated(svds[m], r)
-            else:
-                a_new = torch.cat([a, rows[p]])[:r] if p in rows else a[:r].clone()
-                b_new = b.new_zeros(b.shape[0], r)
-                if self.mode == "keep":
-                    b_new[:, :min(r, b.shape[1])] = b[:, :r]
+            old, room = a.shape[0], max(a.shape[0], r)   # the client's adapter after its refit, by the same rule
+            a_new, b_new = a.new_zeros(room, a.shape[1]), b.new_zeros(b.shape[0], room)
+            a_new[:old], b_new[:, :old] = a, b
+            refit_adapter(a_new, b_new, {}, self.mode, old, r, rows.get(p),
+                          self._truncated(svds[m], r) if svd else None)
+            a_new, b_new = a_new[:r].clone(), b_new[:, :r].clone()
             a0, b0 = self._start(cid, m)
             factors[p] = hetero.concat(deltas[m], (a_new, -self.scaling * b_new), (a0, self.scaling * b0))
             given[f"{p}.lora_A.weight"], given[f"{p}.lora_B.weight"] = a_new, b_new
