@@ -143,7 +143,8 @@ def test_deployed_run_equals_simulator(label, make_config, certs, tmp_path):
     assert dep[-1]["dropouts"] == 0 and dep[-1]["live_clients"] == 2 and dep[-1]["refused_updates"] == 0
     # what the strategy accounted is what crossed the wire (the same safetensors messages); the client states
     # read for the checkpoint at every aggregation are counted apart, not as the run's traffic
-    assert all(v["bytes_up"] > 0 for v in wire["checkpoint"]["per_client"].values())
+    ckpt = wire["checkpoint"]["per_client"]
+    assert set(ckpt) == {"0", "1"} and all(v["bytes_up"] > 0 for v in ckpt.values())
     # (measured: within 0.8 % for the split strategies, 4 % for fedlora, whose messages are few and small
     # next to the commands' headers)
     for key in ("bytes_up", "bytes_down"):
